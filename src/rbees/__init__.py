@@ -1,0 +1,3 @@
+"""rbees: llama-orch in Python."""
+
+__version__ = "0.1.0"
