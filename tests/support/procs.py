@@ -79,10 +79,16 @@ class ManagedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> ManagedProcess:
-        out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.cwd
-        )
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(open(self.log, "ab")) if self.log else subprocess.DEVNULL
+            self.proc = subprocess.Popen(
+                self.args,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.cwd,
+            )
         return self
 
     @property
