@@ -1,0 +1,47 @@
+"""A worker spawned, listed, used and stopped on a remote pool over SSH, with a tiny real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psutil
+
+from tests.ctl.conftest import PoolLab
+from tests.support.procs import get_json
+
+
+def test_a_worker_is_spawned_and_stopped_remotely(pool_lab: PoolLab, tiny_llama: Path) -> None:
+    reg = pool_lab.rbees(
+        "pool", "models", "register", "--host", "a", "--id", "tiny", "--name", "Tiny Llama",
+        "--repo", "test/tiny-llama", "--architecture", "llama",
+    )  # fmt: skip
+    assert reg.returncode == 0, reg.stderr
+    got = pool_lab.rbees("pool", "models", "download", "tiny", "--from", str(tiny_llama), "--host", "a")
+    assert got.returncode == 0, got.stderr
+    listed = json.loads(pool_lab.rbees("pool", "models", "list", "--host", "a", "--json").stdout)
+    assert [m["id"] for m in listed] == ["tiny"]
+
+    spawned = pool_lab.rbees(
+        "pool", "worker", "spawn", "cpu", "--model", "tiny", "--host", "a", "--threads", "1",
+        "--timeout", "120", "--json", timeout=180,
+    )  # fmt: skip
+    assert spawned.returncode == 0, spawned.stderr
+    record = json.loads(spawned.stdout)
+    assert record["model_id"] == "tiny" and record["backend"] == "cpu"
+    assert get_json(f"{record['uri']}/health")["status"] == "healthy"
+    assert psutil.pid_exists(record["pid"])
+
+    workers = pool_lab.rbees("pool", "worker", "list", "--host", "a", "--host", "b", "--json")
+    assert workers.returncode == 0, workers.stderr
+    rows = json.loads(workers.stdout)
+    assert [(r["host"], r["worker_id"]) for r in rows] == [("a", record["worker_id"])]
+    table = pool_lab.rbees("pool", "worker", "list", "--host", "a")
+    assert record["worker_id"] in table.stdout
+
+    stopped = pool_lab.rbees("pool", "worker", "stop", record["worker_id"], "--host", "a")
+    assert stopped.returncode == 0, stopped.stderr
+    assert (
+        not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
+    )
+    assert json.loads(pool_lab.rbees("pool", "worker", "list", "--host", "a", "--json").stdout) == []
