@@ -1,0 +1,195 @@
+"""The transformers + torch engine: Hugging Face safetensors directories and GGUF files.
+
+Generation is a hand-written decode loop over the model's KV cache (one forward pass per
+``next()``), not ``model.generate``, so the worker streams every token as it is made and can
+stop between any two steps. Code shipped with a model is never run (``trust_remote_code``
+is always off) and the hub is never contacted (``local_files_only``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rbees.protocol import ChatMessage, SamplingParams
+from rbees.worker.engines import gguf_cache
+from rbees.worker.engines.base import EngineError, PromptError
+from rbees.worker.engines.chat_template import ChatTemplate, pick_template
+from rbees.worker.engines.devices import device_memory_bytes, dtype_for
+from rbees.worker.engines.sampling import Sampler
+from rbees.worker.modelfiles import ModelSource
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_CONTEXT = 2048
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+class TransformersEngine:
+    def __init__(self, model: Any, tokenizer: Any, device: str) -> None:
+        self._model = model
+        self._tokenizer = tokenizer
+        self._device = device
+        self._torch_device = torch.device(device)
+        config = model.config
+        head = model.get_output_embeddings()
+        self._vocab_size = int(head.weight.shape[0] if head is not None else config.vocab_size)
+        self._context_length = _context_length(config)
+        self._eos = _eos_ids(model, tokenizer)
+        forward = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        self._logits_kwargs: dict[str, int] = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
+        self._template: ChatTemplate | None = None
+        self._template_error = "the model has no chat template; send 'prompt' instead of 'messages'"
+        source = pick_template(getattr(tokenizer, "chat_template", None))
+        if source is not None:
+            try:
+                self._template = ChatTemplate(
+                    source, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
+                )
+            except PromptError as exc:
+                self._template_error = str(exc)
+        self._weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+            b.numel() * b.element_size() for b in model.buffers()
+        )
+
+    # --- loading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, source: ModelSource, device: str, cache_dir: Path | None = None) -> TransformersEngine:
+        started = time.monotonic()
+        try:
+            if source.kind == "hf":
+                model, tokenizer = _load_hf_dir(source.path, device)
+            else:
+                model, tokenizer = _load_gguf(source.path, device, cache_dir)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError) as exc:
+            raise EngineError(f"cannot load {source.path.name}: {type(exc).__name__}: {exc}") from exc
+        model.eval()
+        log.info("loaded %s on %s in %.1fs", source.path.name, device, time.monotonic() - started)
+        return cls(model, tokenizer, device)
+
+    # --- the Engine interface --------------------------------------------------------------
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    def memory_bytes(self) -> int:
+        on_device = device_memory_bytes(self._device)
+        return self._weight_bytes if on_device is None else on_device
+
+    def encode(self, prompt: str | None, messages: Sequence[ChatMessage] | None) -> list[int]:
+        if messages is not None:
+            if self._template is None:
+                raise PromptError(self._template_error)
+            text = self._template.render(messages, add_generation_prompt=True)
+            ids = self._tokenizer.encode(text, add_special_tokens=False)
+        else:
+            ids = self._tokenizer.encode(prompt or "", add_special_tokens=True)
+        if not ids:
+            raise PromptError("the prompt encodes to no tokens")
+        return [int(i) for i in ids]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        text = self._tokenizer.decode(
+            list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
+        return str(text)
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+    ) -> Generator[int, None, None]:
+        sampler = Sampler(params, seed, self._vocab_size, prompt_ids)
+        model, device = self._model, self._torch_device
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+        cache: Any = None
+        while True:
+            with torch.inference_mode():
+                out = model(
+                    input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache}, **self._logits_kwargs
+                )
+                cache = _output_cache(out)
+                token = sampler.pick(out.logits[0, -1])
+            del out
+            yield token
+            input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+
+
+def _output_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _context_length(config: Any) -> int:
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in _CONTEXT_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return _DEFAULT_CONTEXT
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+def _transformers() -> Any:
+    """transformers, untyped: its auto classes confuse type checkers."""
+    return importlib.import_module("transformers")
+
+
+def _load_hf_dir(path: Path, device: str) -> tuple[Any, Any]:
+    hf = _transformers()
+    tokenizer = hf.AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
+    dtype = dtype_for(device)
+    model = hf.AutoModelForCausalLM.from_pretrained(
+        str(path),
+        trust_remote_code=False,
+        local_files_only=True,
+        use_safetensors=True,
+        dtype="auto" if dtype is None else dtype,
+        # Straight onto the GPU, without a full copy in host memory first.
+        device_map=None if device == "cpu" else {"": device},
+    )
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, device: str, cache_dir: Path | None) -> tuple[Any, Any]:
+    if cache_dir is not None:
+        cached = gguf_cache.lookup(cache_dir, path)
+        if cached is not None:
+            log.info("loading the converted copy of %s from %s", path.name, cached)
+            return _load_hf_dir(cached, device)
+    hf = _transformers()
+    log.info("converting %s (GGUF parsing is slow; later loads use the cache)", path.name)
+    kwargs: dict[str, Any] = {"gguf_file": path.name, "local_files_only": True, "trust_remote_code": False}
+    tokenizer = hf.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    model = hf.AutoModelForCausalLM.from_pretrained(str(path.parent), **kwargs)
+    if cache_dir is not None:
+        cached = gguf_cache.store(cache_dir, path, model, tokenizer)
+        if cached is not None:
+            del model
+            return _load_hf_dir(cached, device)
+    return model.to(device), tokenizer

@@ -1,0 +1,243 @@
+"""The worker's state and domain logic: loading, admission, running jobs, cancel, drain.
+
+Everything here runs on the event loop except the model load (one background thread) and the
+decode loops (one executor thread per slot). A decode thread hands each SSE frame to the loop
+with a single ``call_soon_threadsafe`` into the job's queue; that is the only per-token hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from rbees.protocol import (
+    Backend,
+    ErrorCode,
+    ExecuteRequest,
+    RbeesError,
+    StartedEvent,
+    WorkerHealth,
+    WorkerRegistration,
+    WorkerStatus,
+    encode_sse,
+)
+from rbees.protocol.events import Event, is_terminal
+from rbees.worker.callback import send_ready
+from rbees.worker.engines.base import Engine, EngineLoader, PromptError
+from rbees.worker.jobs import Job, run_generation
+from rbees.worker.settings import WorkerSettings
+from rbees.worker.slots import SlotTable
+
+log = logging.getLogger(__name__)
+
+LOADING_RETRY_AFTER_S = 2.0
+_CANCEL_GRACE_S = 30.0
+
+
+class WorkerRuntime:
+    def __init__(
+        self, settings: WorkerSettings, engine_loader: EngineLoader, device: str, model_name: str
+    ) -> None:
+        self.settings = settings
+        self.device = device
+        self.model_name = model_name
+        self.status = WorkerStatus.LOADING
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.slots = SlotTable(settings.slots)
+        self.load_failed = asyncio.Event()
+        self._loader = engine_loader
+        self._started = time.monotonic()
+        self._executor = ThreadPoolExecutor(max_workers=settings.slots, thread_name_prefix="rbees-decode")
+        self._background: set[asyncio.Task[bool]] = set()
+
+    # --- loading -----------------------------------------------------------------------------
+
+    def start_loading(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def load() -> None:
+            try:
+                engine = self._loader()
+            except Exception as exc:
+                log.debug("model load failed", exc_info=True)
+                loop.call_soon_threadsafe(self._on_load_failed, f"{exc}")
+            else:
+                loop.call_soon_threadsafe(self._on_loaded, engine)
+
+        threading.Thread(target=load, name="rbees-load", daemon=True).start()
+
+    def _on_loaded(self, engine: Engine) -> None:
+        self.engine = engine
+        if self.status is WorkerStatus.LOADING:
+            self.status = WorkerStatus.HEALTHY
+        log.info("worker %s ready: %s on %s", self.settings.worker_id, self.model_name, engine.device)
+        registration = self.registration()
+        for url in self.settings.callback_urls:
+            task = asyncio.create_task(send_ready(url, registration, token=self.settings.callback_token))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _on_load_failed(self, message: str) -> None:
+        self.status = WorkerStatus.UNHEALTHY
+        self.error = message
+        log.error("cannot load the model: %s", message)
+        self.load_failed.set()
+
+    # --- reports -------------------------------------------------------------------------------
+
+    def health(self) -> WorkerHealth:
+        engine = self.engine
+        return WorkerHealth(
+            status=self.status,
+            worker_id=self.settings.worker_id,
+            model=self.model_name,
+            backend=self.settings.backend,
+            device=self.device,
+            vram_bytes=engine.memory_bytes() if engine else 0,
+            slots_total=self.slots.total,
+            slots_busy=self.slots.busy,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            context_length=engine.context_length if engine else None,
+            error=self.error,
+        )
+
+    def registration(self) -> WorkerRegistration:
+        s = self.settings
+        return WorkerRegistration(
+            worker_id=s.worker_id,
+            uri=s.uri,
+            model_ref=self.model_name,
+            backend=s.backend,
+            device=self.device,
+            gpu=None if s.backend is Backend.CPU else (s.gpu or 0),
+            vram_bytes=self.engine.memory_bytes() if self.engine else 0,
+            slots_total=s.slots,
+            pool=s.pool,
+            token=s.token,
+        )
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def _ready_engine(self) -> Engine:
+        if self.status is WorkerStatus.DRAINING:
+            raise RbeesError(ErrorCode.SHUTTING_DOWN, "this worker is shutting down", retry_after=1)
+        if self.engine is None and self.error is None:
+            raise RbeesError(
+                ErrorCode.MODEL_LOADING, "the model is still loading", retry_after=LOADING_RETRY_AFTER_S
+            )
+        if self.engine is None:
+            raise RbeesError(ErrorCode.WORKER_FAILED, f"the model failed to load: {self.error}")
+        return self.engine
+
+    async def start_job(self, request: ExecuteRequest) -> tuple[Job, AsyncIterator[bytes]]:
+        """Admit ``request``, start its decode loop; return the job and its SSE byte stream."""
+        engine = self._ready_engine()
+        cancel = self.slots.reserve(request.job_id)
+        try:
+            prompt_ids = await asyncio.to_thread(engine.encode, request.prompt, request.messages)
+            context = engine.context_length
+            if len(prompt_ids) >= context:
+                raise RbeesError(
+                    ErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                    f"the prompt is {len(prompt_ids)} tokens; the model's context holds {context} "
+                    "and needs room for at least one generated token",
+                    details={"prompt_tokens": len(prompt_ids), "context_length": context},
+                )
+        except PromptError as exc:
+            self.slots.release(request.job_id, cancel)
+            raise RbeesError(ErrorCode.INVALID_REQUEST, str(exc)) from exc
+        except BaseException:
+            self.slots.release(request.job_id, cancel)
+            raise
+        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        job = Job(job_id=request.job_id, request=request, prompt_ids=prompt_ids, seed=seed, cancel=cancel)
+        started = StartedEvent(
+            job_id=job.job_id,
+            model=self.model_name,
+            started_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            seed=seed,
+            tokens_in=len(prompt_ids),
+            worker_id=self.settings.worker_id,
+        )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        ended = threading.Event()
+
+        def finish(last: bytes | None) -> None:
+            # Free the slot before the client can see the terminal event, so a client that
+            # sends its next request as soon as this one ends never finds the slot still taken.
+            self.slots.release(job.job_id, cancel)
+            if last is not None:
+                queue.put_nowait(last)
+            queue.put_nowait(None)
+
+        def emit(event: Event) -> None:
+            frame = encode_sse(event)
+            if is_terminal(event):
+                ended.set()
+                loop.call_soon_threadsafe(finish, frame)
+            else:
+                loop.call_soon_threadsafe(queue.put_nowait, frame)
+
+        def run() -> None:
+            try:
+                run_generation(engine, job, emit)
+            finally:
+                if not ended.is_set():
+                    loop.call_soon_threadsafe(finish, None)
+
+        loop.run_in_executor(self._executor, run)
+        return job, _frames(encode_sse(started), queue)
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a running job to stop at its next decode step; False if no such job runs."""
+        return self.slots.cancel(job_id)
+
+    # --- shutdown ----------------------------------------------------------------------------------
+
+    async def drain(self, timeout_s: float) -> None:
+        """Refuse new work, give running jobs ``timeout_s`` to finish, then cancel the rest."""
+        self.status = WorkerStatus.DRAINING
+        if not await self._wait_idle(timeout_s):
+            log.warning("drain deadline passed; cancelling %d running job(s)", self.slots.busy)
+            self.cancel_all()
+            await self._wait_idle(_CANCEL_GRACE_S)
+        for task in list(self._background):
+            task.cancel()
+
+    def cancel_all(self) -> None:
+        self.slots.cancel_all()
+
+    async def _wait_idle(self, timeout_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.slots.idle.wait()
+        return self.slots.busy == 0
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def _frames(first: bytes, queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+    """The SSE frames of one job; frames that queued up meanwhile go out in one write."""
+    yield first
+    while True:
+        chunk = await queue.get()
+        if chunk is None:
+            return
+        parts = [chunk]
+        while not queue.empty():
+            more = queue.get_nowait()
+            if more is None:
+                yield b"".join(parts)
+                return
+            parts.append(more)
+        yield b"".join(parts)
