@@ -1,0 +1,311 @@
+"""What the orchestrator adds: time to first token and tokens/s, direct to a worker vs through rbees-orcd.
+
+Both paths run interleaved in one process (direct round, orchestrated round, alternating which goes
+first), at each concurrency, with the same seed and greedy sampling so both do the same work.
+
+    # self-contained: spawns one rbees-workerd and one rbees-orcd on free ports, then stops them
+    python bench/orchestrator_overhead.py --spawn-model PATH [--slots 16] [--rounds 10]
+
+    # against running daemons
+    python bench/orchestrator_overhead.py --worker http://127.0.0.1:8001 \
+        --orchestrator http://127.0.0.1:8080 --model NAME
+
+Prints TTFT p50/p99 for each path, the added latency (orchestrated minus direct, p50 and p99) and the
+throughput ratio (aggregate tokens/s orchestrated / direct). Goal: added p50 <= 2 ms, ratio >= 0.95.
+Between rounds it waits until the worker reports no busy slot, so one round never queues behind the
+last. With --spawn-model it also prints the orchestrator's own CPU time per job and per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Sample:
+    ttft: float
+    tokens: int
+    elapsed: float
+
+
+@dataclass
+class Series:
+    ttft: list[float] = field(default_factory=list)
+    rates: list[float] = field(default_factory=list)  # aggregate tokens/s per round
+    errors: int = 0
+
+
+async def one_stream(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> Sample:
+    t0 = time.perf_counter()
+    ttft = None
+    tokens = 0
+    async with session.post(url, json=body, headers={"Accept": "text/event-stream", **headers}) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+        buf = b""
+        async for chunk in resp.content.iter_any():
+            buf += chunk
+            while b"\n\n" in buf:
+                block, buf = buf.split(b"\n\n", 1)
+                for line in block.split(b"\n"):
+                    if not line.startswith(b"data: "):
+                        continue
+                    kind = json.loads(line[6:])["type"]
+                    if kind == "token":
+                        tokens += 1
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+                    elif kind == "error":
+                        raise RuntimeError(line.decode())
+    if ttft is None:
+        raise RuntimeError("no token")
+    return Sample(ttft, tokens, time.perf_counter() - t0)
+
+
+async def one_round(
+    session: aiohttp.ClientSession, args: argparse.Namespace, direct: bool, concurrency: int, series: Series
+) -> None:
+    sampling = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0.0, "seed": 7}
+    tasks = []
+    for _ in range(concurrency):
+        if direct:
+            body = {**sampling, "job_id": "bench-" + uuid.uuid4().hex[:12]}
+            url, headers = args.worker + "/execute", _auth(args.worker_token)
+        else:
+            body = {**sampling, "model": args.model}
+            url, headers = args.orchestrator + "/v2/tasks", _auth(args.api_token)
+        tasks.append(one_stream(session, url, body, headers))
+    await settle(session, args)
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if isinstance(r, Sample)]
+    series.errors += len(results) - len(ok)
+    for r in results:
+        if not isinstance(r, Sample):
+            print(f"  error: {r}", file=sys.stderr)
+    series.ttft.extend(r.ttft for r in ok)
+    if ok:
+        series.rates.append(sum(r.tokens for r in ok) / wall)
+
+
+async def settle(session: aiohttp.ClientSession, args: argparse.Namespace) -> None:
+    """Wait (up to 10 s) until the worker has no busy slot."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        async with session.get(args.worker + "/health") as resp:
+            if (await resp.json()).get("slots_busy") == 0:
+                return
+        await asyncio.sleep(0.02)
+
+
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+async def run(args: argparse.Namespace) -> int:
+    connector = aiohttp.TCPConnector(limit=0)
+    failed = False
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=600)
+    ) as session:
+        for concurrency in args.concurrency:
+            direct, orch = Series(), Series()
+            for _ in range(args.warmup):
+                await one_round(session, args, True, concurrency, Series())
+                await one_round(session, args, False, concurrency, Series())
+            cpu = OrcdCpu(args.orcd_pid)
+            for r in range(args.rounds):
+                order = [(True, direct), (False, orch)] if r % 2 == 0 else [(False, orch), (True, direct)]
+                for is_direct, series in order:
+                    if not is_direct:
+                        cpu.resume()
+                    await one_round(session, args, is_direct, concurrency, series)
+                    if not is_direct:
+                        cpu.pause()
+            added50 = (pct(orch.ttft, 50) - pct(direct.ttft, 50)) * 1000
+            added99 = (pct(orch.ttft, 99) - pct(direct.ttft, 99)) * 1000
+            ratio = statistics.mean(orch.rates) / statistics.mean(direct.rates)
+            shape = f"{args.rounds} rounds x {concurrency} streams x {args.max_tokens} tokens"
+            print(f"concurrency {concurrency}: {shape}")
+            for name, s in (("direct", direct), ("orchestrated", orch)):
+                p50, p99 = pct(s.ttft, 50) * 1000, pct(s.ttft, 99) * 1000
+                rate = statistics.mean(s.rates)
+                ttft = f"TTFT p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+                print(f"  {name:13s} {ttft}  {rate:8.1f} tok/s  errors {s.errors}")
+            verdict = "ok" if added50 <= 2.0 and ratio >= 0.95 else "MISSED"
+            added = f"added TTFT p50 {added50:+.2f} ms  p99 {added99:+.2f} ms"
+            print(f"  {added}  throughput ratio {ratio:.3f}  [{verdict}]")
+            jobs = args.rounds * concurrency
+            if cpu.total is not None:
+                per_job = cpu.total / jobs * 1000
+                per_token = cpu.total / (jobs * args.max_tokens) * 1e6
+                print(f"  orchestrator CPU {per_job:.2f} ms per job, {per_token:.0f} us per token (all in)")
+            failed = failed or verdict != "ok" or bool(direct.errors or orch.errors)
+    return 1 if failed and args.strict else 0
+
+
+class OrcdCpu:
+    """CPU seconds the orchestrator process spent during the orchestrated rounds (spawn mode only)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.total: float | None = None
+        self._proc = None
+        self._mark = 0.0
+        if pid is not None:
+            import psutil
+
+            self._proc = psutil.Process(pid)
+            self.total = 0.0
+
+    def _now(self) -> float:
+        assert self._proc is not None
+        t = self._proc.cpu_times()
+        return float(t.user + t.system)
+
+    def resume(self) -> None:
+        if self._proc is not None:
+            self._mark = self._now()
+
+    def pause(self) -> None:
+        if self._proc is not None and self.total is not None:
+            self.total += self._now() - self._mark
+
+
+# --- self-contained mode -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_json(url: str, timeout: float, until: str | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                body = json.loads(resp.read())
+                if until is None or body.get("status") == until:
+                    return body
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def spawned(args: argparse.Namespace) -> Iterator[None]:
+    tmp = Path(tempfile.mkdtemp(prefix="rbees-bench-"))
+    orc_port, w_port = free_port(), free_port()
+    args.orchestrator = f"http://127.0.0.1:{orc_port}"
+    args.worker = f"http://127.0.0.1:{w_port}"
+    args.model = "bench-model"
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    try:
+        log = (tmp / "orcd.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [str(BIN / "rbees-orcd"), "--port", str(orc_port), "--state-dir", str(tmp / "state"),
+                 "--log-level", "warning", "--queue-size", "4096"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            )
+        )  # fmt: skip
+        wait_json(args.orchestrator + "/health", 60)
+        args.orcd_pid = procs[0].pid
+        log = (tmp / "worker.log").open("wb")
+        procs.append(
+            subprocess.Popen(
+                [str(BIN / "rbees-workerd"), "--worker-id", "bench-worker", "--model", str(args.spawn_model),
+                 "--model-id", args.model, "--port", str(w_port), "--slots", str(args.slots),
+                 "--threads", str(args.threads),
+                 "--callback-url", args.orchestrator + "/v2/workers/register",
+                 *shlex.split(args.worker_args)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+            )
+        )  # fmt: skip
+        wait_json(args.worker + "/health", 600, until="healthy")
+        deadline = time.monotonic() + 30
+        while not wait_json(args.orchestrator + "/health", 10)["workers"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the worker never registered")
+            time.sleep(0.1)
+        print(f"spawned rbees-orcd {args.orchestrator} and rbees-workerd {args.worker} (logs in {tmp})")
+        yield
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--spawn-model", type=Path, help="model path: spawn a worker and an orchestrator for the run"
+    )
+    ap.add_argument("--worker", help="worker base URL (direct path)")
+    ap.add_argument("--worker-token")
+    ap.add_argument("--orchestrator", help="orchestrator base URL")
+    ap.add_argument("--api-token")
+    ap.add_argument("--model", help="model name as registered with the orchestrator")
+    ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--prompt", default="Once upon a time")
+    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--worker-args", default="", help="extra rbees-workerd arguments (spawn mode)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
+    args = ap.parse_args()
+    args.orcd_pid = None
+    if args.spawn_model:
+        with spawned(args):
+            return asyncio.run(run(args))
+    if not (args.worker and args.orchestrator and args.model):
+        ap.error("give --spawn-model, or --worker, --orchestrator and --model")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""``create_app(settings)``: the FastAPI app of ``rbees-orcd``.
+
+The app's ``JobService`` is opened in the lifespan and kept at ``app.state.service``; routes (and the
+OpenAI-compatible ``/v1`` routes) reach it through ``rbees.orchestrator.http.service(request)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import PlainTextResponse
+
+from rbees import __version__
+from rbees.orchestrator import routes_tasks, routes_workers
+from rbees.orchestrator.http import install_error_handlers, require_client, service
+from rbees.orchestrator.openai_api import build_openai_router
+from rbees.orchestrator.service import JobService
+from rbees.orchestrator.settings import OrchestratorSettings
+from rbees.protocol import OrchestratorHealth
+
+
+def create_app(settings: OrchestratorSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.service = await JobService.open(settings)
+        try:
+            yield
+        finally:
+            await app.state.service.close()
+
+    app = FastAPI(
+        title="rbees-orcd",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(routes_tasks.submit_router)
+    app.include_router(routes_tasks.router)
+    app.include_router(routes_workers.router)
+    app.include_router(build_openai_router())  # /v1: same JobService, same admission and queue
+
+    @app.get("/health", response_model=OrchestratorHealth)
+    async def health(request: Request) -> OrchestratorHealth:
+        return service(request).health()
+
+    @app.get("/metrics", dependencies=[Depends(require_client)], response_class=PlainTextResponse)
+    async def metrics(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(
+            service(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    return app

@@ -1,0 +1,208 @@
+"""HTTP plumbing shared by the routes: bearer checks, the error envelope, and the SSE response."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from rbees.orchestrator.jobs import LastFrame
+from rbees.orchestrator.service import JobService
+from rbees.orchestrator.settings import OrchestratorSettings
+from rbees.protocol import ErrorCode, RbeesError
+
+log = logging.getLogger("rbees.orchestrator.http")
+
+CORRELATION_HEADER = "x-correlation-id"
+
+
+def service(request: Request) -> JobService:
+    """The app's ``JobService`` (also what ``/v1`` routes use)."""
+    svc: JobService = request.app.state.service
+    return svc
+
+
+def settings(request: Request) -> OrchestratorSettings:
+    value: OrchestratorSettings = request.app.state.settings
+    return value
+
+
+# --- auth -----------------------------------------------------------------------------------------------
+
+
+def _bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _check(request: Request, accepted: list[str]) -> None:
+    if not accepted:
+        return
+    given = _bearer(request)
+    if given is None:
+        raise RbeesError(ErrorCode.UNAUTHORIZED, "this route needs 'Authorization: Bearer <token>'")
+    ok = False
+    for token in accepted:
+        ok |= hmac.compare_digest(given.encode(), token.encode())
+    if not ok:
+        raise RbeesError(ErrorCode.FORBIDDEN, "the bearer token is not valid here")
+
+
+def require_client(request: Request) -> None:
+    """Job and listing routes: the API token, when one is configured."""
+    s = settings(request)
+    _check(request, [s.api_token] if s.api_token else [])
+
+
+def require_operator(request: Request) -> None:
+    """Worker management: the API token or the registration token."""
+    s = settings(request)
+    _check(request, [t for t in (s.api_token, s.registration_token) if t])
+
+
+def require_registration(request: Request) -> None:
+    """The ready callback: the registration token; without one, the API token; without both, open."""
+    s = settings(request)
+    token = s.registration_token or s.api_token
+    _check(request, [token] if token else [])
+
+
+# --- errors ---------------------------------------------------------------------------------------------
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def parse_body(model: type[Model], body: bytes) -> Model:
+    """Validate a JSON body straight from bytes; failures are INVALID_REQUEST (400) like FastAPI's."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise invalid_request(exc.errors(include_url=False, include_context=False)) from None
+
+
+def invalid_request(raw_errors: Sequence[Any]) -> RbeesError:
+    errors = [
+        {
+            "loc": [str(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in raw_errors
+    ]
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(p for p in first["loc"] if p != "body")
+    message = f"{where}: {first['msg']}" if where else str(first["msg"])
+    return RbeesError(ErrorCode.INVALID_REQUEST, message, details={"errors": errors})
+
+
+def error_response(exc: RbeesError, request: Request) -> JSONResponse:
+    body = exc.envelope(request.headers.get(CORRELATION_HEADER)).model_dump(mode="json", exclude_none=True)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
+
+
+_HTTP_CODES = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RbeesError)
+    async def on_rbees(request: Request, exc: RbeesError) -> Response:
+        return error_response(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {
+                "loc": [str(p) for p in e.get("loc", ())],
+                "msg": str(e.get("msg", "")),
+                "type": str(e.get("type", "")),
+            }
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(p for p in first["loc"] if p != "body")
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        return error_response(
+            RbeesError(ErrorCode.INVALID_REQUEST, message, details={"errors": errors}), request
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
+        code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
+        response = error_response(RbeesError(code, str(exc.detail)), request)
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(RbeesError(ErrorCode.INTERNAL, "internal error"), request)
+
+
+# --- server-sent events ------------------------------------------------------------------------------
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class EventStreamResponse(Response):
+    """Streams SSE frames and notices a client that goes away even while no frame is due.
+
+    ``on_disconnect`` runs when the client drops before the stream ended (a streaming submission
+    cancels its job there).
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        on_disconnect: Callable[[], None] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        # Like StreamingResponse: no body, so no Content-Length header.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**SSE_HEADERS, **(headers or {})})
+        self._frames = frames
+        self._on_disconnect = on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        streamer = asyncio.create_task(self._stream(send))
+        watcher = asyncio.create_task(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not streamer.done():
+                streamer.cancel()
+        gone = streamer not in done or streamer.cancelled() or streamer.exception() is not None
+        results = await asyncio.gather(streamer, watcher, return_exceptions=True)
+        if isinstance(results[0], Exception) and not isinstance(results[0], OSError):
+            log.error("event stream failed", exc_info=results[0])
+        if gone and self._on_disconnect is not None:
+            self._on_disconnect()
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for frame in self._frames:
+            if isinstance(frame, LastFrame):  # end the response in the same write
+                await send({"type": "http.response.body", "body": frame, "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

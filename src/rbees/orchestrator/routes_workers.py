@@ -1,0 +1,44 @@
+"""``/v2/workers``: the ready callback registers a worker; operators list and remove them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+
+from rbees.orchestrator.fleet import WorkerInfo
+from rbees.orchestrator.http import require_client, require_operator, require_registration, service
+from rbees.protocol import WorkerRegistration
+
+router = APIRouter()
+
+
+@router.post("/v2/workers/register", dependencies=[Depends(require_registration)], response_model=WorkerInfo)
+async def register_worker(registration: WorkerRegistration, request: Request) -> WorkerInfo:
+    return service(request).register_worker(registration)
+
+
+@router.get("/v2/workers", dependencies=[Depends(require_operator)])
+async def list_workers(request: Request) -> dict[str, Any]:
+    return {"workers": [w.model_dump(mode="json") for w in service(request).workers()]}
+
+
+@router.delete("/v2/workers/{worker_id}", dependencies=[Depends(require_operator)])
+async def deregister_worker(worker_id: str, request: Request) -> dict[str, Any]:
+    service(request).deregister_worker(worker_id)
+    return {"worker_id": worker_id, "deregistered": True}
+
+
+@router.get("/v2/models", dependencies=[Depends(require_client)])
+async def list_models(request: Request) -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "model": m.model,
+                "workers": m.workers,
+                "schedulable_workers": m.schedulable_workers,
+                "slots_total": m.slots_total,
+            }
+            for m in service(request).models()
+        ]
+    }

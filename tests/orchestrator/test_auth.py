@@ -1,0 +1,71 @@
+"""Tokens: clients need the API token, workers the registration token, /health is open."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.orchestrator.conftest import Orcd, run_orcd
+
+API, REG = "client-secret", "worker-secret"
+REGISTRATION = {
+    "worker_id": "w-1",
+    "uri": "http://127.0.0.1:9",
+    "model_ref": "m",
+    "backend": "cpu",
+    "device": "cpu",
+    "slots_total": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def orcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orcd]:
+    state = tmp_path_factory.mktemp("auth") / "state"
+    with run_orcd(state, "--api-token", API, "--registration-token", REG) as orcd:
+        orcd.token = None  # each test says which token it sends
+        yield orcd
+
+
+def test_health_is_open(orcd: Orcd) -> None:
+    r = orcd.call("/health")
+    assert r.status == 200 and r.body["status"] == "healthy"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/v2/tasks", {"model": "m", "prompt": "hi"}),
+        ("GET", "/v2/tasks", None),
+        ("GET", "/v2/tasks/job-x", None),
+        ("GET", "/v2/tasks/job-x/events", None),
+        ("POST", "/v2/tasks/job-x/cancel", None),
+        ("GET", "/v2/models", None),
+        ("GET", "/metrics", None),
+    ],
+)
+def test_client_routes_need_the_api_token(orcd: Orcd, method: str, path: str, body: object) -> None:
+    missing = orcd.call(path, method, body)
+    assert missing.status == 401 and missing.body["error"]["code"] == "UNAUTHORIZED"
+    wrong = orcd.call(path, method, body, token="nope")
+    assert wrong.status == 403 and wrong.body["error"]["code"] == "FORBIDDEN"
+    assert orcd.call(path, method, body, token=REG).status == 403
+    assert orcd.call(path, method, body, token=API).status not in (401, 403)
+
+
+def test_registration_needs_the_registration_token(orcd: Orcd) -> None:
+    assert orcd.call("/v2/workers/register", "POST", REGISTRATION).status == 401
+    assert orcd.call("/v2/workers/register", "POST", REGISTRATION, token=API).status == 403
+    r = orcd.call("/v2/workers/register", "POST", REGISTRATION, token=REG)
+    assert r.status == 200 and r.body["worker_id"] == "w-1"
+    # operators may list and remove workers with either token
+    assert orcd.call("/v2/workers").status == 401
+    assert "w-1" in {w["worker_id"] for w in orcd.call("/v2/workers", token=API).body["workers"]}
+    assert orcd.call("/v2/workers/w-1", "DELETE", token=REG).status == 200
+
+
+def test_default_bind_is_loopback(tmp_path: Path) -> None:
+    from rbees.orchestrator.main import load_settings
+
+    assert load_settings(["--state-dir", str(tmp_path)], {}).host == "127.0.0.1"

@@ -1,0 +1,58 @@
+"""Settings: TOML file, then RBEES_ORCD_* env, then flags; a wide bind needs a token."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from rbees.orchestrator.main import load_settings
+from rbees.orchestrator.settings import Policy
+from tests.support.procs import bin_path
+
+
+def test_file_env_flags_merge_in_that_order(tmp_path: Path) -> None:
+    cfg = tmp_path / "orcd.toml"
+    cfg.write_text('[orchestrator]\nport = 9000\nqueue_size = 5\npolicy = "round-robin"\nmax-retries = 4\n')
+    env = {"RBEES_ORCD_QUEUE_SIZE": "7", "RBEES_ORCD_SILENCE_TIMEOUT_S": "3.5"}
+    s = load_settings(["--config", str(cfg), "--queue-size", "9", "--state-dir", str(tmp_path)], env)
+    assert s.port == 9000  # file
+    assert s.policy is Policy.ROUND_ROBIN  # file
+    assert s.max_retries == 4  # file, dashed key
+    assert s.silence_timeout_s == 3.5  # env
+    assert s.queue_size == 9  # flag beats env beats file
+    assert s.host == "127.0.0.1"
+
+
+def test_config_path_from_env(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("port = 9100\n")
+    assert load_settings([], {"RBEES_ORCD_CONFIG": str(cfg)}).port == 9100
+
+
+def test_wide_bind_without_token_is_refused() -> None:
+    with pytest.raises(ValidationError, match="API token"):
+        load_settings(["--host", "0.0.0.0"], {})
+    assert load_settings(["--host", "0.0.0.0", "--api-token", "t"], {}).api_token == "t"
+    assert load_settings(["--host", "::1"], {}).host == "::1"
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("portt = 1\n")
+    with pytest.raises(ValidationError):
+        load_settings(["--config", str(cfg)], {})
+
+
+def test_cli_refuses_wide_bind_with_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [bin_path("rbees-orcd"), "--host", "0.0.0.0", "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "API token" in proc.stderr
+    assert proc.stdout == ""
