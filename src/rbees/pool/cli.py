@@ -414,6 +414,44 @@ def worker_prune(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     render.say(f"{len(pruned)} dead worker record(s) removed")
 
 
+# ---------------------------------------------------------------- daemon
+
+
+@app.command("serve")
+def serve_cmd(
+    ctx: typer.Context,
+    host: Annotated[
+        str,
+        typer.Option("--host", metavar="BIND", help="Address to bind; anything but loopback needs a token."),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", metavar="P", min=0, max=65535, help="Port to listen on.")
+    ] = 9200,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            metavar="T",
+            envvar="RBEES_POOL_TOKEN",
+            help="Bearer token every route but /health requires (better: $RBEES_POOL_TOKEN).",
+            show_default=False,
+            show_envvar=False,
+        ),
+    ] = None,
+) -> None:
+    """Run the optional pool-manager daemon: GET /health, /workers, /status and POST /callback.
+
+    It reports what `status` and `worker list` show and takes workers' ready callbacks
+    (--callback-url http://<pool>:9200/callback); it never spawns, stops or routes.
+    SIGTERM or Ctrl-C stops it (exit 0).
+    """
+    from rbees.pool.daemon import DaemonSettings, serve
+
+    settings = DaemonSettings(pool=_settings(ctx), host=host, port=port, token=token)
+    serve(settings, say=render.say)
+    render.say("pool manager stopped")
+
+
 def _report_stop(result: object) -> None:
     from rbees.pool.stop import StopResult
 
