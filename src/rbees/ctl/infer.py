@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -26,7 +26,9 @@ from rbees.ctl.streaming import (
     say,
 )
 from rbees.protocol import ExecuteRequest, Priority, TaskRequest
-from rbees.sdk import Client, SyncEventStream, WorkerClient
+
+if TYPE_CHECKING:
+    from rbees.sdk import Client, SyncEventStream
 
 PromptOpt = Annotated[str, typer.Option("--prompt", "-p", help="The prompt; '-' reads it from stdin.")]
 ModelOpt = Annotated[
@@ -167,6 +169,8 @@ def _infer_orchestrator(
 
 
 def _infer_worker(address: str, token: str | None, fields: dict[str, Any], *, as_json: bool) -> StreamOutcome:
+    from rbees.sdk import WorkerClient
+
     url = address if "://" in address else f"http://{address}"
     job_id = f"cli-{uuid.uuid4().hex[:12]}"
     with cli_errors(f"the worker at {url}"), WorkerClient(url, token=token) as client:

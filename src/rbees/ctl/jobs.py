@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -33,7 +33,9 @@ from rbees.ctl.streaming import (
     say,
 )
 from rbees.protocol import Priority, TaskRequest
-from rbees.sdk import JobInfo
+
+if TYPE_CHECKING:
+    from rbees.sdk import JobInfo
 
 jobs_app = typer.Typer(
     help="Submit, list, inspect, cancel and follow jobs on the orchestrator.", no_args_is_help=True

@@ -1,4 +1,8 @@
-"""`rbees infer`, `rbees jobs ...` and `rbees up`: the data-plane commands of the operator CLI."""
+"""`rbees infer`, `rbees jobs ...` and `rbees up`: the data-plane commands of the operator CLI.
+
+The modules imported here import the SDK (and with it aiohttp) only inside the commands, so that
+``rbees --help`` and the pool commands do not pay for it at start-up; keep it that way.
+"""
 
 from __future__ import annotations
 

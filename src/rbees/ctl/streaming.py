@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -32,15 +32,9 @@ from rbees.protocol import (
     StopReason,
     TokenEvent,
 )
-from rbees.sdk import (
-    DEFAULT_ORCHESTRATOR_URL,
-    Client,
-    InvalidRequestError,
-    NotFoundError,
-    RbeesAPIError,
-    RbeesConnectionError,
-    RbeesSDKError,
-)
+
+if TYPE_CHECKING:
+    from rbees.sdk import Client, RbeesSDKError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -65,7 +59,9 @@ ApiTokenOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of text.")]
 
-DEFAULT_ORCHESTRATOR = DEFAULT_ORCHESTRATOR_URL
+# ``rbees.sdk.DEFAULT_ORCHESTRATOR_URL``, spelled out here: the SDK (and aiohttp with it) is imported only
+# when a command talks to a server, so that ``rbees --help`` and the pool commands start fast.
+DEFAULT_ORCHESTRATOR = "http://127.0.0.1:8080"
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -80,6 +76,8 @@ def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
 
 
 def exit_code_for(exc: RbeesSDKError) -> int:
+    from rbees.sdk import InvalidRequestError, NotFoundError, RbeesConnectionError
+
     if isinstance(exc, RbeesConnectionError):
         return EXIT_UNREACHABLE
     if isinstance(exc, InvalidRequestError):
@@ -90,6 +88,8 @@ def exit_code_for(exc: RbeesSDKError) -> int:
 
 
 def describe(exc: RbeesSDKError) -> str:
+    from rbees.sdk import RbeesAPIError
+
     if isinstance(exc, RbeesAPIError):
         text = f"{exc.code}: {exc.message}"
         if exc.retry_after is not None:
@@ -101,6 +101,8 @@ def describe(exc: RbeesSDKError) -> str:
 @contextmanager
 def cli_errors(target: str) -> Iterator[None]:
     """Turn SDK exceptions and invalid local input into one stderr line and an exit code."""
+    from rbees.sdk import RbeesConnectionError, RbeesSDKError
+
     try:
         yield
     except RbeesConnectionError as exc:
@@ -117,6 +119,8 @@ def cli_errors(target: str) -> Iterator[None]:
 @contextmanager
 def orchestrator_client(url: str, api_token: str | None) -> Iterator[Client]:
     """A client of the orchestrator whose errors end the command with a message and an exit code."""
+    from rbees.sdk import Client
+
     with cli_errors(f"the orchestrator at {url}"), Client(url, api_token=api_token) as client:
         yield client
 
