@@ -21,7 +21,6 @@ from rich.console import Console
 from rbees.ctl.local_processes import (
     LOCAL,
     UpError,
-    free_port,
     installed_program,
     kill_tree,
     log_tail,
@@ -48,6 +47,7 @@ class LocalCluster:
     worker_id: str | None = None
     worker_pid: int | None = None
     worker_port: int | None = None
+    workers_before: set[str] | None = None
     worker_log: Path | None = None
     served_model: str | None = None
 
@@ -143,10 +143,12 @@ class LocalCluster:
 
     def spawn_worker(self, timeout: float) -> None:
         """`rbees-pool worker spawn` starts the worker and waits until the model is loaded."""
-        self.worker_port = free_port()
+        # The pool picks the port (8001 upward, never one in use). Remember which workers existed
+        # before, so an interrupted spawn's worker can still be found and stopped.
+        self.workers_before = self._pool_worker_ids()
         args = [
             installed_program("rbees-pool"), "worker", "spawn", "cpu", "--model", self.model,
-            "--port", str(self.worker_port), "--advertise-host", LOCAL,
+            "--advertise-host", LOCAL,
             "--orchestrator", self.url, "--timeout", str(int(timeout)), "--json",
         ]  # fmt: skip
         label = f"Loading {self.model} on a CPU worker"
@@ -182,6 +184,7 @@ class LocalCluster:
         except ValueError as exc:
             raise UpError("`rbees-pool worker spawn --json` printed no JSON") from exc
         self.worker_id = str(record["worker_id"])
+        self.worker_port = int(record["port"])
         self.worker_pid = int(record.get("pid") or 0) or None
         self.worker_log = self.home / "logs" / f"{self.worker_id}.log"
         self.console.print(
@@ -238,7 +241,7 @@ class LocalCluster:
             self.console.print(f"[yellow]warning:[/] port(s) {leftovers} still in use after stopping")
 
     def _stop_worker(self) -> None:
-        worker_id = self.worker_id or self._find_worker_by_port()
+        worker_id = self.worker_id or self._find_spawned_worker()
         if worker_id is None:
             return
         if self._orcd_alive():
@@ -252,18 +255,27 @@ class LocalCluster:
         if self.worker_pid is not None and (not ok or self._worker_alive()):
             kill_tree(self.worker_pid)
 
-    def _find_worker_by_port(self) -> str | None:
-        if self.worker_port is None:
-            return None
+    def _pool_workers(self) -> list[dict[str, Any]]:
         try:
             listed = self.pool_json("worker", "list")
         except (UpError, subprocess.TimeoutExpired):
-            return None
+            return []
         entries = listed if isinstance(listed, list) else listed.get("workers", [])
-        for entry in entries:
-            if entry.get("port") == self.worker_port:
+        return [e for e in entries if isinstance(e, dict)]
+
+    def _pool_worker_ids(self) -> set[str]:
+        return {str(e.get("worker_id")) for e in self._pool_workers()}
+
+    def _find_spawned_worker(self) -> str | None:
+        """The worker an interrupted spawn left behind: one of our model that was not there before."""
+        if self.workers_before is None:
+            return None
+        for entry in self._pool_workers():
+            worker_id = str(entry.get("worker_id"))
+            if worker_id not in self.workers_before and entry.get("model_id") == self.model:
                 self.worker_pid = entry.get("pid") or self.worker_pid
-                return str(entry["worker_id"])
+                self.worker_port = entry.get("port") or self.worker_port
+                return worker_id
         return None
 
     def _stop_orchestrator(self) -> None:

@@ -47,13 +47,6 @@ def port_is_free(port: int, host: str = LOCAL) -> bool:
     return True
 
 
-def free_port() -> int:
-    """A port on ``LOCAL`` that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
-
-
 def wait_port_free(port: int, timeout: float = 5.0) -> bool:
     """Wait until ``port`` is free; False if it is still in use after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
