@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import PlainTextResponse
+from starlette.types import Receive, Scope, Send
 
 from rbees import __version__
 from rbees.orchestrator import routes_tasks, routes_workers
@@ -19,6 +20,19 @@ from rbees.orchestrator.openai_api import build_openai_router
 from rbees.orchestrator.service import JobService
 from rbees.orchestrator.settings import OrchestratorSettings
 from rbees.protocol import OrchestratorHealth
+
+
+class OrchestratorApp(FastAPI):
+    """FastAPI, with ``POST /v2/tasks`` (the hot path) answered before the middleware stack and router."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/v2/tasks" and scope["method"] == "POST":
+            svc: JobService | None = getattr(self.state, "service", None)
+            if svc is not None:
+                scope["app"] = self
+                await routes_tasks.submit_asgi(svc, self.state.settings, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: OrchestratorSettings) -> FastAPI:
@@ -30,7 +44,7 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
         finally:
             await app.state.service.close()
 
-    app = FastAPI(
+    app = OrchestratorApp(
         title="rbees-orcd",
         version=__version__,
         lifespan=lifespan,

@@ -15,6 +15,7 @@ import aiohttp
 from rbees.orchestrator import dispatcher
 from rbees.orchestrator.jobs import Job, dumps
 from rbees.orchestrator.metrics import Histogram
+from rbees.orchestrator.worker_stream import WorkerStreams
 from rbees.protocol import ErrorCode, SamplingParams, StopReason
 
 _SAMPLING_FIELDS = set(SamplingParams.model_fields)
@@ -41,6 +42,7 @@ async def run_attempt(
     uri: str,
     token: str | None,
     ttft: Histogram,
+    streams: WorkerStreams | None = None,
 ) -> Result:
     rec = job.record
 
@@ -54,10 +56,17 @@ async def run_attempt(
                 ttft.observe(now - job.queued_at)
         elif event_type == "started":
             data = _stamp_started(job, data, worker_id)
-        return job.append(event_type, data) is not None
+        job.relaying = True
+        try:
+            return job.append(event_type, data) is not None
+        finally:
+            job.relaying = False
 
     try:
-        await dispatcher.execute(session, uri, token, execute_body(job), on_event)
+        if streams is not None and streams.handles(uri):
+            await streams.execute(uri, token, execute_body(job), on_event)
+        else:
+            await dispatcher.execute(session, uri, token, execute_body(job), on_event)
     except dispatcher.DispatchRejected as exc:
         if exc.code in _WORKER_FULL and not job.got_token:
             return Result(Outcome.BUSY)

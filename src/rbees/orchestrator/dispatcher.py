@@ -20,10 +20,10 @@ from rbees.protocol import ErrorCode, SSEParser
 
 log = logging.getLogger("rbees.orchestrator.dispatch")
 
-_TOKEN_PREFIX = '{"type":"token"'
-_NOT_RETRIABLE_STATUS = frozenset({400, 413, 422})
+TOKEN_PREFIX = '{"type":"token"'
+NOT_RETRIABLE_STATUS = frozenset({400, 413, 422})
 _DRAIN_S = 1.0
-_TERMINAL = frozenset({"end", "error"})
+TERMINAL = frozenset({"end", "error"})
 
 
 class DispatchRejected(Exception):
@@ -79,10 +79,10 @@ async def execute(
         while chunk := await read():
             for msg in parser.feed(chunk):
                 data = msg.data
-                event_type = "token" if data.startswith(_TOKEN_PREFIX) else _event_type(data)
+                event_type = "token" if data.startswith(TOKEN_PREFIX) else event_type_of(data)
                 if not on_event(event_type, data):
                     return
-                if event_type in _TERMINAL:
+                if event_type in TERMINAL:
                     await _drain(resp)
                     return
     raise StreamBroken("the worker closed the stream before its end event")
@@ -95,7 +95,7 @@ async def _drain(resp: aiohttp.ClientResponse) -> None:
             await resp.content.read()
 
 
-def _event_type(data: str) -> str:
+def event_type_of(data: str) -> str:
     try:
         value = json.loads(data)
     except ValueError as exc:
@@ -115,7 +115,7 @@ async def _rejection(resp: aiohttp.ClientResponse) -> DispatchRejected:
         message = str(err.get("message", message))
     except (ValueError, aiohttp.ClientError):
         pass
-    retriable = resp.status not in _NOT_RETRIABLE_STATUS
+    retriable = resp.status not in NOT_RETRIABLE_STATUS
     return DispatchRejected(resp.status, code, message, retriable)
 
 

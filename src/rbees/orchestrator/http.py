@@ -39,16 +39,17 @@ def settings(request: Request) -> OrchestratorSettings:
 # --- auth -----------------------------------------------------------------------------------------------
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+def _bearer(header: str) -> str | None:
     scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
 
 
-def _check(request: Request, accepted: list[str]) -> None:
+def check_bearer(header: str, accepted: list[str]) -> None:
+    """Raise UNAUTHORIZED / FORBIDDEN unless ``header`` (an Authorization value) carries an accepted token."""
     if not accepted:
         return
-    given = _bearer(request)
+    given = _bearer(header)
     if given is None:
         raise RbeesError(ErrorCode.UNAUTHORIZED, "this route needs 'Authorization: Bearer <token>'")
     ok = False
@@ -56,6 +57,11 @@ def _check(request: Request, accepted: list[str]) -> None:
         ok |= hmac.compare_digest(given.encode(), token.encode())
     if not ok:
         raise RbeesError(ErrorCode.FORBIDDEN, "the bearer token is not valid here")
+
+
+def _check(request: Request, accepted: list[str]) -> None:
+    if accepted:
+        check_bearer(request.headers.get("authorization", ""), accepted)
 
 
 def require_client(request: Request) -> None:
@@ -176,18 +182,35 @@ class EventStreamResponse(Response):
         self._on_disconnect = on_disconnect
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        streamer = asyncio.create_task(self._stream(send))
+        # The frames are written from this task; only the disconnect watch runs beside it, and it
+        # cancels this task when the client goes away (no second task, no asyncio.wait per stream).
+        me = asyncio.current_task()
+        assert me is not None
+        state = {"gone": False, "over": False}
+
+        def watched(task: asyncio.Task[None]) -> None:
+            if state["over"] or task.cancelled() or task.exception() is not None:
+                return
+            state["gone"] = True
+            me.cancel()
+
         watcher = asyncio.create_task(_wait_disconnect(receive))
+        watcher.add_done_callback(watched)
+        gone = False
         try:
-            done, _ = await asyncio.wait({streamer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await self._stream(send)
+        except asyncio.CancelledError:
+            if not state["gone"] or me.uncancel() > 0:
+                raise  # cancelled from outside (shutdown): not a client that left
+            gone = True
+        except OSError:
+            gone = True
+        except Exception:
+            log.error("event stream failed", exc_info=True)
+            gone = True
         finally:
+            state["over"] = True
             watcher.cancel()
-            if not streamer.done():
-                streamer.cancel()
-        gone = streamer not in done or streamer.cancelled() or streamer.exception() is not None
-        results = await asyncio.gather(streamer, watcher, return_exceptions=True)
-        if isinstance(results[0], Exception) and not isinstance(results[0], OSError):
-            log.error("event stream failed", exc_info=results[0])
         if gone and self._on_disconnect is not None:
             self._on_disconnect()
 

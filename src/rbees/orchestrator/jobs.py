@@ -186,6 +186,9 @@ class Job:
         self.task: asyncio.Task[None] | None = None
         self.slot: str | None = None  # the worker whose slot this job holds
         self.worker_job_id = job_id  # the id of the current attempt on its worker
+        # True while the relay itself appends a worker's event (its terminal event ends the job from
+        # inside the relay, which must then not be cancelled as if the job ended elsewhere).
+        self.relaying = False
         self._on_done = on_done
 
     @property

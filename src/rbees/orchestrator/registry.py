@@ -8,6 +8,7 @@ failed on the next start.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
@@ -222,25 +223,58 @@ def _encoded(row: tuple[Any, ...]) -> tuple[Any, ...]:
 class JobWriter:
     """Writes job rows on a thread of its own, so commits never hold up the event loop.
 
-    A row is written as soon as the thread is free; rows that arrive while it writes go together in
-    the next transaction. ``flush`` waits until everything queued so far is on disk.
+    Rows put from the event loop are handed to the thread a moment later (``HANDOFF_S``), or at the
+    loop's next turn for a new job, in one batch, so the thread does not wake (and take the GIL) in the
+    middle of a submission or before its dispatch. Rows
+    that arrive while it writes go together in the next transaction. ``flush`` waits until everything
+    put so far is on disk.
     """
+
+    HANDOFF_S = 0.05
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._queue: queue.SimpleQueue[tuple[Any, ...] | threading.Event | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[tuple[Any, ...]] | threading.Event | None] = queue.SimpleQueue()
+        self._pending: list[tuple[Any, ...]] = []
+        self._handoff: asyncio.Handle | None = None
         self._thread = threading.Thread(target=self._run, name="rbees-job-writer", daemon=True)
         self._thread.start()
 
-    def put(self, rec: JobRecord) -> None:
-        self._queue.put(job_row(rec))
+    def put(self, rec: JobRecord, *, soon: bool = False) -> None:
+        """Queue the record's row as it is now; ``soon``: hand it over at the loop's next turn
+        (after the callbacks already due, such as a dispatch just scheduled) rather than in a moment."""
+        self._pending.append(job_row(rec))
+        if self._handoff is not None and not soon:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.hand_off()
+            return
+        if self._handoff is not None:
+            self._handoff.cancel()
+        if soon:
+            self._handoff = loop.call_soon(self.hand_off)
+        else:
+            self._handoff = loop.call_later(self.HANDOFF_S, self.hand_off)
+
+    def hand_off(self) -> None:
+        """Give the rows put so far to the writing thread now."""
+        if self._handoff is not None:
+            self._handoff.cancel()
+            self._handoff = None
+        if self._pending:
+            rows, self._pending = self._pending, []
+            self._queue.put(rows)
 
     def flush(self, timeout: float = 5.0) -> None:
+        self.hand_off()
         done = threading.Event()
         self._queue.put(done)
         done.wait(timeout)
 
     def close(self) -> None:
+        self.hand_off()
         self._queue.put(None)
         self._thread.join(10)
 
@@ -251,7 +285,7 @@ class JobWriter:
                 items = [self._queue.get()]
                 while not self._queue.empty():
                     items.append(self._queue.get())
-                rows = [_encoded(i) for i in items if isinstance(i, tuple)]
+                rows = [_encoded(row) for i in items if isinstance(i, list) for row in i]
                 if rows:
                     try:
                         registry.save_rows(rows)

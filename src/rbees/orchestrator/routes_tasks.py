@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
-from rbees.orchestrator.http import EventStreamResponse, parse_body, require_client, service
+from rbees.orchestrator.http import (
+    CORRELATION_HEADER,
+    EventStreamResponse,
+    check_bearer,
+    parse_body,
+    require_client,
+    service,
+)
 from rbees.orchestrator.jobs import TaskInfo
+from rbees.orchestrator.service import JobService
+from rbees.orchestrator.settings import OrchestratorSettings
 from rbees.protocol import ErrorCode, RbeesError, TaskAccepted, TaskRequest
+
+log = logging.getLogger("rbees.orchestrator.http")
 
 router = APIRouter(prefix="/v2/tasks", dependencies=[Depends(require_client)])
 # The submission route is the hot path: it checks the token and parses the body itself (one pass from
@@ -30,11 +44,17 @@ def wants_stream(request: Request) -> bool:
     },
 )
 async def submit_task(request: Request) -> Response:
+    # Served by ``submit_asgi`` below in the running app; this route documents it (OpenAPI) and serves
+    # any app that mounts the router without the fast path.
     require_client(request)
-    task = parse_body(TaskRequest, await request.body())
     svc = service(request)
+    return _submitted(svc, await request.body(), wants_stream(request))
+
+
+def _submitted(svc: JobService, body: bytes, stream: bool) -> Response:
+    task = parse_body(TaskRequest, body)
     job = svc.submit(task)
-    if wants_stream(request):
+    if stream:
 
         def client_gone() -> None:
             svc.cancel(job.id)
@@ -49,6 +69,53 @@ async def submit_task(request: Request) -> Response:
         events_url=svc.events_url(job.id),
     )
     return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": f"/v2/tasks/{job.id}"})
+
+
+async def submit_asgi(
+    svc: JobService, settings: OrchestratorSettings, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """``POST /v2/tasks`` as a bare ASGI handler: the same checks, body parsing and answers as the
+    route, without the framework's middleware, routing and dependency layers on the hot path."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name, value)  # the first of repeated headers, as Starlette's ``get`` does
+    try:
+        if settings.api_token:
+            check_bearer(headers.get(b"authorization", b"").decode("latin-1"), [settings.api_token])
+        body = await _read_body(receive)
+        stream = "text/event-stream" in headers.get(b"accept", b"").decode("latin-1")
+        response = _submitted(svc, body, stream)
+        # Let the job's dispatch task run its first step (the request to the worker goes out at once
+        # on a kept-alive connection) before this answer is written: the worker starts on the job
+        # while the client is being answered, instead of after.
+        await asyncio.sleep(0)
+    except RbeesError as exc:
+        response = _error(exc, headers)
+    except Exception:
+        log.error("unhandled error on POST /v2/tasks", exc_info=True)
+        response = _error(RbeesError(ErrorCode.INTERNAL, "internal error"), headers)
+    await response(scope, receive, send)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    chunks = [body]
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+    return b"".join(chunks)
+
+
+def _error(exc: RbeesError, headers: dict[bytes, bytes]) -> Response:
+    raw = headers.get(CORRELATION_HEADER.encode())
+    envelope = exc.envelope(raw.decode("latin-1") if raw is not None else None)
+    body = envelope.model_dump(mode="json", exclude_none=True)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 
 @router.get("")

@@ -39,6 +39,7 @@ from rbees.orchestrator.registry import JobRecord, JobWriter, Registry
 from rbees.orchestrator.scheduler import JobView, plan
 from rbees.orchestrator.settings import OrchestratorSettings
 from rbees.orchestrator.timeouts import Clock, Limits, deadline_at, expired
+from rbees.orchestrator.worker_stream import WorkerStreams
 from rbees.protocol import (
     ErrorCode,
     OrchestratorHealth,
@@ -75,6 +76,7 @@ class JobService:
         self.registry = registry
         self.writer = JobWriter(settings.db_path)
         self.session = session
+        self.streams = WorkerStreams()
         self.metrics = Metrics()
         self.fleet = Fleet(
             HealthRules(
@@ -135,6 +137,7 @@ class JobService:
         pending = tasks + list(self._background)
         if pending:
             await asyncio.wait(pending, timeout=_WORKER_CANCEL_TIMEOUT_S + 0.5)
+        self.streams.close()
         await self.session.close()
         self.writer.close()
         self.registry.close()
@@ -213,9 +216,10 @@ class JobService:
         self._jobs[job.id] = job
         self._active[job.id] = job
         job.append("queued", dumps({"type": "queued", "job_id": job.id, "queue_position": position}))
-        self.writer.put(job.record)
         self.metrics.submitted.inc(priority=request.priority.value)
         self._pump()
+        # Durable from the next turn of the loop on, after the dispatch this may have scheduled.
+        self.writer.put(job.record, soon=True)
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -350,7 +354,7 @@ class JobService:
         """One attempt; a reason means "retry elsewhere", ``None`` that the job ended (or waits again)."""
         worker_id = entry.reg.worker_id
         result = await run_attempt(
-            self.session, job, worker_id, entry.reg.uri, entry.reg.token, self.metrics.ttft
+            self.session, job, worker_id, entry.reg.uri, entry.reg.token, self.metrics.ttft, self.streams
         )
         if result.worker_error is not None:
             self.fleet.apply([Probe(worker_id, result.worker_error)], time.monotonic())
@@ -410,7 +414,7 @@ class JobService:
         self._finished[job.id] = time.monotonic()
         self._release_slot(job)
         task = job.task
-        if task is not None and not task.done() and task is not asyncio.current_task():
+        if task is not None and not task.done() and not job.relaying and task is not asyncio.current_task():
             # Ended from outside the relay (timeout, forced cancel, shutdown): stop it and the worker,
             # whose slot stays counted as busy until it reports it free.
             task.cancel()

@@ -1,0 +1,284 @@
+"""``POST /execute`` to plain-HTTP workers on a bare asyncio protocol: the relay's hot path.
+
+Each worker event is parsed and handed to ``on_event`` straight from ``data_received`` (no stream
+reader, no task wake-up per chunk), the request head is built once per worker, and connections are
+kept alive in a small pool per worker. Behaviour matches ``dispatcher.execute``: ``DispatchRejected``
+for an error answer, ``StreamBroken`` when the stream stops before its terminal event, ``OSError`` /
+``TimeoutError`` when the worker cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from rbees.orchestrator.dispatcher import (
+    NOT_RETRIABLE_STATUS,
+    TERMINAL,
+    TOKEN_PREFIX,
+    DispatchRejected,
+    StreamBroken,
+    event_type_of,
+)
+from rbees.protocol import ErrorCode, SSEParser
+
+OnEvent = Callable[[str, str], bool]
+
+CONNECT_TIMEOUT_S = 5.0
+# Idle connections are dropped well before the workers' own keep-alive (30 s) would close them.
+IDLE_S = 15.0
+_DRAIN_S = 1.0
+_ERROR_BODY_MAX = 1 << 20
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive connection to a worker; runs one request at a time."""
+
+    def __init__(self, pool: _Pool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self.got_bytes = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._done: asyncio.Future[None] | None = None
+        self._on_event: OnEvent | None = None
+        self._sse = SSEParser()
+        self._status = 0
+        self._error_body: list[bytes] = []
+        self._finished = False  # the terminal event (or an early stop) was seen: only draining is left
+        self._complete = False  # the whole HTTP response was read
+        self._drain_timer: asyncio.TimerHandle | None = None
+
+    # --- request ---
+
+    def start(self, request: bytes, on_event: OnEvent) -> asyncio.Future[None]:
+        assert self.transport is not None
+        self._done = asyncio.get_running_loop().create_future()
+        self._on_event = on_event
+        self._sse = SSEParser()
+        self._status = 0
+        self._error_body = []
+        self._finished = False
+        self._complete = False
+        self.got_bytes = False
+        self._parser = httptools.HttpResponseParser(self)
+        self.transport.write(request)
+        return self._done
+
+    def detach(self) -> None:
+        """The caller is gone (cancelled): stop calling it and drop the connection."""
+        self._on_event = None
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are no asyncio.Transport subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if self._finished:
+            return
+        if not self.got_bytes:
+            reason = f": {exc}" if exc is not None else ""
+            self._fail(ConnectionResetError(f"the worker closed the connection before answering{reason}"))
+        elif self._status in (0, 200):
+            self._fail(StreamBroken("the worker closed the stream before its end event"))
+        else:
+            self._reject()
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            # Raised by one of the callbacks below, e.g. by on_event or for an event that is not JSON.
+            cause = exc.__context__
+            self._fail(cause if isinstance(cause, Exception) else StreamBroken(str(exc)))
+            self.close()
+        except httptools.HttpParserUpgrade:
+            self._fail(StreamBroken("the worker answered with an upgrade"))
+            self.close()
+        except httptools.HttpParserError as exc:
+            self._fail(StreamBroken(f"the worker's answer is not valid HTTP: {exc}"))
+            self.close()
+
+    # --- httptools callbacks ---
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        if self._finished:
+            return
+        if self._status != 200:
+            if sum(map(len, self._error_body)) < _ERROR_BODY_MAX:
+                self._error_body.append(body)
+            return
+        on_event = self._on_event
+        for msg in self._sse.feed(body):
+            if on_event is None:
+                return
+            data = msg.data
+            event_type = "token" if data.startswith(TOKEN_PREFIX) else event_type_of(data)
+            if not on_event(event_type, data):
+                self._succeed()
+                self.close()  # stopped early: the rest of the stream is not wanted
+                return
+            if event_type in TERMINAL:
+                self._succeed()
+                if not self._complete:  # read the (empty) rest, so the connection can be reused
+                    self._drain_timer = asyncio.get_running_loop().call_later(_DRAIN_S, self.close)
+                return
+
+    def on_message_complete(self) -> None:
+        self._complete = True
+        if self._status != 200:
+            self._reject()
+        elif not self._finished:
+            self._fail(StreamBroken("the worker closed the stream before its end event"))
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if not self.closed:
+            if self._parser.should_keep_alive():
+                self.pool.release(self)
+            else:
+                self.close()
+
+    # --- endings ---
+
+    def _succeed(self) -> None:
+        self._finished = True
+        self._on_event = None
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._finished = True
+        self._on_event = None
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(exc)
+
+    def _reject(self) -> None:
+        self._fail(rejection(self._status, b"".join(self._error_body)))
+
+
+def rejection(status: int, body: bytes) -> DispatchRejected:
+    code, message = ErrorCode.WORKER_FAILED, f"HTTP {status}"
+    try:
+        value: Any = json.loads(body)
+        err = value.get("error", {}) if isinstance(value, dict) else {}
+        code = ErrorCode(err.get("code", code))
+        message = str(err.get("message", message))
+    except (ValueError, AttributeError):
+        pass
+    return DispatchRejected(status, code, message, status not in NOT_RETRIABLE_STATUS)
+
+
+class _Pool:
+    """Idle keep-alive connections to one worker, and the request head for it."""
+
+    def __init__(self, uri: str, token: str | None) -> None:
+        parts = urlsplit(uri)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        host_header = parts.netloc.rpartition("@")[2]
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        self.head = (
+            f"POST {parts.path.rstrip('/')}/execute HTTP/1.1\r\nHost: {host_header}\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}Content-Length: "
+        ).encode("latin-1")
+        self.idle: list[_Conn] = []
+        self.busy: set[_Conn] = set()
+
+    def take_idle(self) -> _Conn | None:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < IDLE_S:
+                return conn
+            conn.close()
+        return None
+
+    async def connect(self) -> _Conn:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
+        return conn
+
+    def release(self, conn: _Conn) -> None:
+        self.busy.discard(conn)
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def close(self) -> None:
+        for conn in [*self.idle, *self.busy]:
+            conn.close()
+        self.idle.clear()
+        self.busy.clear()
+
+
+class WorkerStreams:
+    """Keep-alive connections to every worker (plain ``http://`` URIs) for ``POST /execute``."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, str | None], _Pool] = {}
+
+    @staticmethod
+    def handles(uri: str) -> bool:
+        return uri.startswith("http://")
+
+    async def execute(self, uri: str, token: str | None, body: bytes, on_event: OnEvent) -> None:
+        """Stream one job from a worker into ``on_event(type, json_text)``, called synchronously as each
+        event arrives; it returns ``False`` to stop early. Returns after the terminal event."""
+        pool = self._pools.get((uri, token))
+        if pool is None:
+            pool = self._pools[(uri, token)] = _Pool(uri, token)
+        request = pool.head + b"%d\r\n\r\n%b" % (len(body), body)
+        conn = pool.take_idle()
+        reused = conn is not None
+        if conn is None:
+            conn = await pool.connect()
+        while True:
+            pool.busy.add(conn)
+            done = conn.start(request, on_event)
+            try:
+                await done
+                return
+            except ConnectionResetError:
+                # A kept-alive connection the worker closed just as it was reused, before answering
+                # anything: the request never reached it, so send it once more on a fresh connection.
+                if not (reused and not conn.got_bytes):
+                    raise
+            except BaseException:
+                conn.detach()
+                raise
+            finally:
+                pool.busy.discard(conn)
+            conn.close()
+            reused = False
+            conn = await pool.connect()
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
