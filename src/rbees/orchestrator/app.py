@@ -14,8 +14,9 @@ from fastapi.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
 from rbees import __version__
+from rbees.httpd import install_error_handlers
 from rbees.orchestrator import routes_tasks, routes_workers
-from rbees.orchestrator.http import install_error_handlers, require_client, service
+from rbees.orchestrator.http import require_client, service
 from rbees.orchestrator.openai_api import build_openai_router
 from rbees.orchestrator.service import JobService
 from rbees.orchestrator.settings import OrchestratorSettings

@@ -5,24 +5,21 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from rbees.httpd import invalid_request
 from rbees.orchestrator.jobs import LastFrame
 from rbees.orchestrator.service import JobService
 from rbees.orchestrator.settings import OrchestratorSettings
 from rbees.protocol import ErrorCode, RbeesError
 
 log = logging.getLogger("rbees.orchestrator.http")
-
-CORRELATION_HEADER = "x-correlation-id"
 
 
 def service(request: Request) -> JobService:
@@ -94,64 +91,6 @@ def parse_body(model: type[Model], body: bytes) -> Model:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise invalid_request(exc.errors(include_url=False, include_context=False)) from None
-
-
-def invalid_request(raw_errors: Sequence[Any]) -> RbeesError:
-    errors = [
-        {
-            "loc": [str(p) for p in e.get("loc", ())],
-            "msg": str(e.get("msg", "")),
-            "type": str(e.get("type", "")),
-        }
-        for e in raw_errors
-    ]
-    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-    where = ".".join(p for p in first["loc"] if p != "body")
-    message = f"{where}: {first['msg']}" if where else str(first["msg"])
-    return RbeesError(ErrorCode.INVALID_REQUEST, message, details={"errors": errors})
-
-
-def error_response(exc: RbeesError, request: Request) -> JSONResponse:
-    body = exc.envelope(request.headers.get(CORRELATION_HEADER)).model_dump(mode="json", exclude_none=True)
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
-
-
-_HTTP_CODES = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND}
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RbeesError)
-    async def on_rbees(request: Request, exc: RbeesError) -> Response:
-        return error_response(exc, request)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError) -> Response:
-        errors = [
-            {
-                "loc": [str(p) for p in e.get("loc", ())],
-                "msg": str(e.get("msg", "")),
-                "type": str(e.get("type", "")),
-            }
-            for e in exc.errors()
-        ]
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(p for p in first["loc"] if p != "body")
-        message = f"{where}: {first['msg']}" if where else str(first["msg"])
-        return error_response(
-            RbeesError(ErrorCode.INVALID_REQUEST, message, details={"errors": errors}), request
-        )
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, exc: StarletteHTTPException) -> Response:
-        code = _HTTP_CODES.get(exc.status_code, ErrorCode.INVALID_REQUEST)
-        response = error_response(RbeesError(code, str(exc.detail)), request)
-        response.status_code = exc.status_code
-        return response
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(RbeesError(ErrorCode.INTERNAL, "internal error"), request)
 
 
 # --- server-sent events ------------------------------------------------------------------------------

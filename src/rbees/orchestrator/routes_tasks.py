@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
+from rbees.httpd import CORRELATION_HEADER
 from rbees.orchestrator.http import (
-    CORRELATION_HEADER,
     EventStreamResponse,
     check_bearer,
     parse_body,

@@ -24,16 +24,14 @@ import signal
 import socket
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rbees.httpd import install_error_handlers, invalid_request
 from rbees.pool.catalog import now_iso
 from rbees.pool.errors import Conflict, InvalidInput
 from rbees.pool.records import process_alive, read_records
@@ -146,47 +144,6 @@ def require_token(request: Request) -> None:
         raise RbeesError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
 
 
-def _error_response(exc: RbeesError) -> JSONResponse:
-    headers = exc.headers()
-    if exc.code is ErrorCode.UNAUTHORIZED:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(exc.envelope().model_dump(exclude_none=True, mode="json"), exc.status, headers)
-
-
-def _invalid(errors: Sequence[Any]) -> RbeesError:
-    problems = [
-        {
-            "loc": [str(p) for p in err.get("loc", ())],
-            "msg": str(err.get("msg")),
-            "type": str(err.get("type")),
-        }
-        for err in errors
-    ]
-    summary = "; ".join(f"{'.'.join(p['loc']) or 'body'}: {p['msg']}" for p in problems[:5])
-    return RbeesError(ErrorCode.INVALID_REQUEST, f"invalid request: {summary}", details={"errors": problems})
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RbeesError)
-    async def rbees_error(_: Request, exc: RbeesError) -> Response:
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return _error_response(_invalid(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_REQUEST
-        body = RbeesError(code, str(exc.detail)).envelope().model_dump(exclude_none=True, mode="json")
-        return JSONResponse(body, exc.status_code, exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unexpected error", exc_info=exc)
-        return _error_response(RbeesError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"))
-
-
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
@@ -204,7 +161,7 @@ def create_app(settings: DaemonSettings) -> FastAPI:
     app = FastAPI(title="rbees pool manager", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.ready = ReadyBook()
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     @app.get("/health")
     def health(request: Request) -> dict[str, Any]:
@@ -232,7 +189,7 @@ def create_app(settings: DaemonSettings) -> FastAPI:
         try:
             reg = WorkerRegistration.model_validate_json(raw)
         except ValidationError as exc:
-            raise _invalid(exc.errors()) from None
+            raise invalid_request(exc.errors()) from None
         ready_at = _ready(request).mark(reg.worker_id)
         log.info("worker %s reported ready at %s", reg.worker_id, reg.uri)
         return {"worker_id": reg.worker_id, "accepted": True, "ready_at": ready_at}

@@ -10,15 +10,14 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from rbees.httpd import install_error_handlers, invalid_request
 from rbees.protocol import CancelRequest, ErrorCode, ExecuteRequest, RbeesError
 from rbees.worker.auth import check_bearer
 from rbees.worker.engines.base import EngineLoader
@@ -64,7 +63,7 @@ def create_app(
 
     app = FastAPI(title="rbees-workerd", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
-    _install_error_handlers(app)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health() -> Response:
@@ -121,45 +120,6 @@ async def _parse_body(request: Request, model: type[M]) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _invalid(exc.errors(include_url=False, include_context=False, include_input=False)) from exc
-
-
-def _invalid(errors: Any) -> RbeesError:
-    problems = [
-        {
-            "loc": [str(p) for p in err.get("loc", ())],
-            "msg": str(err.get("msg")),
-            "type": str(err.get("type")),
-        }
-        for err in errors
-    ]
-    summary = "; ".join(f"{'.'.join(p['loc']) or 'body'}: {p['msg']}" for p in problems[:5])
-    return RbeesError(ErrorCode.INVALID_REQUEST, f"invalid request: {summary}", details={"errors": problems})
-
-
-def _error_response(exc: RbeesError) -> JSONResponse:
-    headers = exc.headers()
-    if exc.code is ErrorCode.UNAUTHORIZED:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(exc.envelope().model_dump(exclude_none=True, mode="json"), exc.status, headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RbeesError)
-    async def rbees_error(_: Request, exc: RbeesError) -> Response:
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return _error_response(_invalid(exc.errors()))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.INVALID_REQUEST
-        body = RbeesError(code, str(exc.detail)).envelope().model_dump(exclude_none=True, mode="json")
-        return JSONResponse(body, exc.status_code, exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unexpected error", exc_info=exc)
-        return _error_response(RbeesError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"))
+        raise invalid_request(
+            exc.errors(include_url=False, include_context=False, include_input=False)
+        ) from exc
