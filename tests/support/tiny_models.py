@@ -57,9 +57,9 @@ def _train_tokenizer(dest: Path, vocab_size: int) -> int:
 
 
 def build_tiny_model(dest: Path, arch: str = "llama", *, seed: int = 0) -> Path:
-    """Write a tiny ``arch`` ("llama" or "qwen2") model directory at ``dest`` and return it."""
+    """Write a tiny ``arch`` (llama, qwen2, mistral or phi3) model directory at ``dest`` and return it."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
     dest.mkdir(parents=True, exist_ok=True)
     vocab = _train_tokenizer(dest, vocab_size=512)
@@ -76,12 +76,10 @@ def build_tiny_model(dest: Path, arch: str = "llama", *, seed: int = 0) -> Path:
         "pad_token_id": 0,
         "tie_word_embeddings": False,
     }
-    if arch == "llama":
-        config = LlamaConfig(**common)
-    elif arch == "qwen2":
-        config = Qwen2Config(**common)
-    else:
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "phi3": Phi3Config}
+    if arch not in configs:
         raise ValueError(f"unknown tiny architecture {arch!r}")
+    config = configs[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(dest, safe_serialization=True)
