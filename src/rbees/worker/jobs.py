@@ -1,9 +1,10 @@
-"""One generation job, run synchronously in a worker thread: the decode loop and its events.
+"""One generation job, stepped by the worker's decode thread: its decode steps and its events.
 
-``run_generation`` pulls token ids from the engine one decode step at a time, turns them into
+A ``Generation`` pulls token ids from the engine one decode step at a time, turns them into
 UTF-8 safe text, holds back possible stop sequences, checks the cancel flag before every step
 and emits ``token`` events followed by exactly one terminal event (``end`` or ``error``).
-It knows nothing of HTTP: events go to an ``emit`` callback.
+It knows nothing of HTTP or threads: events go to an ``emit`` callback, and whoever owns the
+generation calls ``step()`` (the worker's one decode thread, taking turns among its jobs).
 """
 
 from __future__ import annotations
@@ -48,54 +49,99 @@ class _TokenStream:
             self.count += 1
 
 
-def run_generation(engine: Engine, job: Job, emit: Emit) -> StopReason:
-    """Generate for ``job`` and emit its token events and one terminal event; return the stop reason."""
-    params = job.request
-    max_new = min(params.max_tokens, max(0, engine.context_length - len(job.prompt_ids)))
-    detok = IncrementalDetokenizer(engine.decode, context=job.prompt_ids)
-    stops = StopMatcher(params.stop)
-    out = _TokenStream(emit)
-    eos = engine.eos_token_ids
-    generated = 0
-    started = time.perf_counter()
-    steps = engine.generate(job.prompt_ids, params, job.seed)
-    try:
-        while True:
-            if job.cancel.is_set():
-                reason = StopReason.CANCELLED
-                break
-            if generated >= max_new:
-                reason = StopReason.MAX_TOKENS
-                break
-            token = next(steps)
-            if token in eos:
-                reason = StopReason.EOS
-                break
-            generated += 1
-            out.send(stops.feed(detok.push(token)))
-            if stops.matched is not None:
-                reason = StopReason.STOP_SEQUENCE
-                break
-        if stops.matched is None:
-            out.send(stops.feed(detok.flush()))
-            out.send(stops.flush())
-            if stops.matched is not None:
-                reason = StopReason.STOP_SEQUENCE
-    except Exception as exc:  # any failure inside the model ends this job with an error event
-        log.exception("job %s failed", job.job_id)
-        emit(ErrorEvent(code=ErrorCode.INTERNAL, message=f"generation failed: {type(exc).__name__}: {exc}"))
-        return StopReason.ERROR
-    finally:
-        steps.close()
-    elapsed_ms = round((time.perf_counter() - started) * 1000)
-    emit(
-        EndEvent(
-            tokens_out=generated,
-            tokens_in=len(job.prompt_ids),
-            decode_time_ms=elapsed_ms,
-            stop_reason=reason,
-            stop_sequence_matched=stops.matched,
+class Generation:
+    """One job's decode, one step at a time, so a single decode thread can take turns among jobs.
+
+    ``step()`` runs at most one forward pass and emits what it produced; it returns ``False`` once
+    the job has emitted its terminal event (and freed its KV cache). The cancel flag is checked
+    before every step, so a cancelled job stops at its next turn without another forward pass.
+    """
+
+    def __init__(self, engine: Engine, job: Job, emit: Emit) -> None:
+        params = job.request
+        self.job = job
+        self.reason: StopReason | None = None
+        self._emit = emit
+        self._max_new = min(params.max_tokens, max(0, engine.context_length - len(job.prompt_ids)))
+        self._detok = IncrementalDetokenizer(engine.decode, context=job.prompt_ids)
+        self._stops = StopMatcher(params.stop)
+        self._out = _TokenStream(emit)
+        self._eos = engine.eos_token_ids
+        self._generated = 0
+        self._started = time.perf_counter()
+        self._steps = engine.generate(job.prompt_ids, params, job.seed)
+
+    @property
+    def done(self) -> bool:
+        return self.reason is not None
+
+    def step(self) -> bool:
+        """One decode step (or the job's ending); ``False`` when the job is over."""
+        if self.reason is not None:
+            return False
+        try:
+            reason = self._advance()
+            if reason is None:
+                return True
+            if self._stops.matched is None:
+                self._out.send(self._stops.feed(self._detok.flush()))
+                self._out.send(self._stops.flush())
+                if self._stops.matched is not None:
+                    reason = StopReason.STOP_SEQUENCE
+        except Exception as exc:  # any failure inside the model ends this job with an error event
+            log.exception("job %s failed", self.job.job_id)
+            self._close(StopReason.ERROR)
+            message = f"generation failed: {type(exc).__name__}: {exc}"
+            self._emit(ErrorEvent(code=ErrorCode.INTERNAL, message=message))
+            return False
+        self._close(reason)
+        elapsed_ms = round((time.perf_counter() - self._started) * 1000)
+        self._emit(
+            EndEvent(
+                tokens_out=self._generated,
+                tokens_in=len(self.job.prompt_ids),
+                decode_time_ms=elapsed_ms,
+                stop_reason=reason,
+                stop_sequence_matched=self._stops.matched,
+            )
         )
-    )
-    log.info("job %s ended: %s after %d token(s) in %d ms", job.job_id, reason.value, generated, elapsed_ms)
-    return reason
+        log.info(
+            "job %s ended: %s after %d token(s) in %d ms",
+            self.job.job_id,
+            reason.value,
+            self._generated,
+            elapsed_ms,
+        )
+        return False
+
+    def abandon(self) -> None:
+        """Drop the job without an event (the worker is stopping): frees its KV cache."""
+        if self.reason is None:
+            self._close(StopReason.CANCELLED)
+
+    def _advance(self) -> StopReason | None:
+        if self.job.cancel.is_set():
+            return StopReason.CANCELLED
+        if self._generated >= self._max_new:
+            return StopReason.MAX_TOKENS
+        token = next(self._steps)
+        if token in self._eos:
+            return StopReason.EOS
+        self._generated += 1
+        self._out.send(self._stops.feed(self._detok.push(token)))
+        if self._stops.matched is not None:
+            return StopReason.STOP_SEQUENCE
+        return None
+
+    def _close(self, reason: StopReason) -> None:
+        self.reason = reason
+        self._steps.close()
+
+
+def run_generation(engine: Engine, job: Job, emit: Emit) -> StopReason:
+    """Generate for ``job`` to its end in this thread; return the stop reason."""
+    generation = Generation(engine, job, emit)
+    while generation.step():
+        pass
+    assert generation.reason is not None
+    return generation.reason

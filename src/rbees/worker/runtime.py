@@ -1,8 +1,9 @@
 """The worker's state and domain logic: loading, admission, running jobs, cancel, drain.
 
 Everything here runs on the event loop except the model load (one background thread) and the
-decode loops (one executor thread per slot). A decode thread hands each SSE frame to the loop
-with a single ``call_soon_threadsafe`` into the job's queue; that is the only per-token hop.
+decoding (one decode thread that takes turns among the running jobs, ``DecodeLoop``). The decode
+thread hands each SSE frame to the loop with a single ``call_soon_threadsafe`` into the job's
+queue; that is the only per-token hop.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from rbees.protocol import (
@@ -30,8 +30,9 @@ from rbees.protocol import (
 )
 from rbees.protocol.events import Event, is_terminal
 from rbees.worker.callback import send_ready
+from rbees.worker.decoder import DecodeLoop
 from rbees.worker.engines.base import Engine, EngineLoader, PromptError
-from rbees.worker.jobs import Job, run_generation
+from rbees.worker.jobs import Generation, Job
 from rbees.worker.settings import WorkerSettings
 from rbees.worker.slots import SlotTable
 
@@ -55,7 +56,7 @@ class WorkerRuntime:
         self.load_failed = asyncio.Event()
         self._loader = engine_loader
         self._started = time.monotonic()
-        self._executor = ThreadPoolExecutor(max_workers=settings.slots, thread_name_prefix="rbees-decode")
+        self._decoder = DecodeLoop()
         self._background: set[asyncio.Task[bool]] = set()
 
     # --- loading -----------------------------------------------------------------------------
@@ -187,14 +188,12 @@ class WorkerRuntime:
             else:
                 loop.call_soon_threadsafe(queue.put_nowait, frame)
 
-        def run() -> None:
-            try:
-                run_generation(engine, job, emit)
-            finally:
-                if not ended.is_set():
+        def exited() -> None:  # in the decode thread, after the job's last step
+            if not ended.is_set():
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
                     loop.call_soon_threadsafe(finish, None)
 
-        loop.run_in_executor(self._executor, run)
+        self._decoder.submit(Generation(engine, job, emit), exited)
         return job, _frames(encode_sse(started), queue)
 
     def cancel(self, job_id: str) -> bool:
@@ -223,7 +222,7 @@ class WorkerRuntime:
         return self.slots.busy == 0
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._decoder.stop()
 
 
 async def _frames(first: bytes, queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:

@@ -1,0 +1,164 @@
+"""The worker's one decode thread: turns among jobs, newcomers first, exits, stop."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator, Sequence
+
+from rbees.protocol import EndEvent, ErrorEvent, ExecuteRequest, SamplingParams, StopReason, TokenEvent
+from rbees.protocol.events import Event
+from rbees.worker.decoder import DecodeLoop
+from rbees.worker.jobs import Generation, Job
+from tests.worker.test_jobs import ScriptedEngine
+
+
+class RecordingEngine(ScriptedEngine):
+    """Every decode step appends the prompt's first id (the job's name) to a shared trace.
+
+    ``gate`` (when given) blocks the first step of the job named 0 until it is set, so a test
+    can line up other jobs behind it."""
+
+    def __init__(self, trace: list[int], gate: threading.Event | None = None) -> None:
+        super().__init__([], context=1_000_000)
+        self.trace = trace
+        self.gate = gate
+        self.lock = threading.Lock()
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+    ) -> Generator[int, None, None]:
+        name = prompt_ids[0]
+        while True:
+            if name == 0 and self.gate is not None:
+                self.gate.wait(10)
+            with self.lock:
+                self.trace.append(name)
+            yield 1
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.exits = 0
+        self.done = threading.Event()
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+    def exited(self) -> None:
+        self.exits += 1
+        self.done.set()
+
+
+def _generation(engine: ScriptedEngine, name: int, max_tokens: int, sink: Sink) -> Generation:
+    request = ExecuteRequest(job_id=f"job-{name}", prompt="x", max_tokens=max_tokens)
+    job = Job(job_id=request.job_id, request=request, prompt_ids=[name], seed=0)
+    return Generation(engine, job, sink.emit)
+
+
+def test_running_jobs_take_turns_one_step_each() -> None:
+    trace: list[int] = []
+    gate = threading.Event()
+    engine = RecordingEngine(trace, gate)
+    loop = DecodeLoop()
+    sinks = [Sink() for _ in range(3)]
+    try:
+        # Job 0's first step waits on the gate, so jobs 1 and 2 are queued before any turn is taken.
+        loop.submit(_generation(engine, 0, 4, sinks[0]), sinks[0].exited)
+        loop.submit(_generation(engine, 1, 4, sinks[1]), sinks[1].exited)
+        loop.submit(_generation(engine, 2, 4, sinks[2]), sinks[2].exited)
+        gate.set()
+        assert all(s.done.wait(10) for s in sinks)
+    finally:
+        loop.stop()
+    # Newcomers get their first step first, then the three take turns.
+    assert trace == [0, 1, 2] * 4
+    for sink in sinks:
+        assert sink.exits == 1
+        tokens = [e for e in sink.events if isinstance(e, TokenEvent)]
+        end = sink.events[-1]
+        assert len(tokens) == 4
+        assert isinstance(end, EndEvent) and end.stop_reason is StopReason.MAX_TOKENS
+
+
+def test_a_newcomer_gets_its_first_step_before_the_running_jobs_continue() -> None:
+    trace: list[int] = []
+    engine = RecordingEngine(trace)
+    loop = DecodeLoop()
+    long_job, newcomer = Sink(), Sink()
+    endless = _generation(engine, 0, 32768, long_job)
+    try:
+        loop.submit(endless, long_job.exited)
+        while len(trace) < 20:  # job 0 is decoding
+            threading.Event().wait(0.001)
+        submitted_at = len(trace)
+        loop.submit(_generation(engine, 7, 1, newcomer), newcomer.exited)
+        assert newcomer.done.wait(10)
+        endless.job.cancel.set()
+        assert long_job.done.wait(10)
+    finally:
+        loop.stop()
+    assert trace.count(7) == 1
+    # At most the step of job 0 under way (and one whose check for newcomers had just passed)
+    # went before the newcomer's first step, and job 0 went on afterwards.
+    assert submitted_at <= trace.index(7) <= submitted_at + 2
+    assert 0 in trace[trace.index(7) + 1 :]
+    assert isinstance(newcomer.events[-1], EndEvent)
+
+
+def test_cancel_is_seen_at_the_jobs_next_turn_and_others_go_on() -> None:
+    trace: list[int] = []
+    engine = RecordingEngine(trace)
+    loop = DecodeLoop()
+    cancelled, other = Sink(), Sink()
+    try:
+        gen = _generation(engine, 3, 1000, cancelled)
+        loop.submit(gen, cancelled.exited)
+        loop.submit(_generation(engine, 4, 50, other), other.exited)
+        while trace.count(3) < 5:
+            threading.Event().wait(0.001)
+        gen.job.cancel.set()
+        assert cancelled.done.wait(10) and other.done.wait(10)
+    finally:
+        loop.stop()
+    end = cancelled.events[-1]
+    assert isinstance(end, EndEvent) and end.stop_reason is StopReason.CANCELLED
+    assert isinstance(other.events[-1], EndEvent) and other.events[-1].tokens_out == 50
+
+
+def test_a_failing_model_ends_only_its_own_job() -> None:
+    loop = DecodeLoop()
+    broken, fine = Sink(), Sink()
+    try:
+        loop.submit(_generation(ScriptedEngine([1, 2, 3], fail_at=1), 1, 10, broken), broken.exited)
+        loop.submit(_generation(ScriptedEngine([1, 2, 3, 4]), 2, 3, fine), fine.exited)
+        assert broken.done.wait(10) and fine.done.wait(10)
+    finally:
+        loop.stop()
+    assert isinstance(broken.events[-1], ErrorEvent)
+    assert isinstance(fine.events[-1], EndEvent) and fine.events[-1].tokens_out == 3
+
+
+def test_stop_abandons_running_jobs_and_frees_their_caches() -> None:
+    gate = threading.Event()
+
+    class Slow(ScriptedEngine):
+        def generate(
+            self, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+        ) -> Generator[int, None, None]:
+            try:
+                while True:
+                    gate.wait(0.01)
+                    yield 1
+            finally:
+                self.closed = True
+
+    slow = Slow([])
+    loop = DecodeLoop()
+    sink = Sink()
+    loop.submit(_generation(slow, 1, 10_000, sink), sink.exited)
+    while not sink.events:
+        threading.Event().wait(0.001)
+    loop.stop()
+    assert sink.exits == 1 and slow.closed
+    assert not any(isinstance(e, EndEvent | ErrorEvent) for e in sink.events)
