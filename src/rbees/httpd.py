@@ -1,25 +1,33 @@
-"""HTTP server pieces every rbees daemon shares: the error envelope as responses, and its handlers.
+"""HTTP server pieces every rbees daemon shares: the error envelope as responses, its handlers, the
+server-sent events response, and the helpers of the bare-ASGI hot paths.
 
 The worker, the orchestrator and the pool-manager daemon all answer errors the same way, so
-they install the same handlers from here rather than each keeping a copy.
+they install the same handlers from here rather than each keeping a copy. The worker's
+``POST /execute`` and the orchestrator's ``POST /v2/tasks`` are answered before the framework's
+middleware and router (``header_map``, ``read_body``, ``error_response``), and both stream with
+``EventStreamResponse``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from rbees.protocol import ErrorCode, RbeesError
 
 log = logging.getLogger("rbees.httpd")
 
 CORRELATION_HEADER = "x-correlation-id"
+# A prompt may hold 1M characters; JSON escaping can make that several times as many bytes.
+MAX_BODY_BYTES = 16 * 1024 * 1024
 
 _HTTP_CODES = {401: ErrorCode.UNAUTHORIZED, 403: ErrorCode.FORBIDDEN, 404: ErrorCode.NOT_FOUND}
 
@@ -42,9 +50,13 @@ def invalid_request(raw_errors: Sequence[Any]) -> RbeesError:
     )
 
 
-def error_response(exc: RbeesError, request: Request | None = None) -> JSONResponse:
-    """The envelope as a response, with Retry-After, WWW-Authenticate and the caller's correlation id."""
-    correlation_id = request.headers.get(CORRELATION_HEADER) if request is not None else None
+def error_response(
+    exc: RbeesError, request: Request | None = None, correlation_id: str | None = None
+) -> JSONResponse:
+    """The envelope as a response, with Retry-After, WWW-Authenticate and the caller's correlation id
+    (from ``request``, or given as ``correlation_id`` on a bare-ASGI path)."""
+    if request is not None:
+        correlation_id = request.headers.get(CORRELATION_HEADER)
     headers = exc.headers()
     if exc.code is ErrorCode.UNAUTHORIZED:
         headers["WWW-Authenticate"] = "Bearer"
@@ -78,3 +90,122 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             RbeesError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}"), request
         )
+
+
+# --- bare-ASGI hot paths ---------------------------------------------------------------------------
+
+
+def header_map(scope: Scope) -> dict[bytes, bytes]:
+    """Request headers by lower-case name; the first of repeated headers, as Starlette's ``get``."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name, value)
+    return headers
+
+
+def correlation_id(headers: dict[bytes, bytes]) -> str | None:
+    raw = headers.get(CORRELATION_HEADER.encode())
+    return raw.decode("latin-1") if raw is not None else None
+
+
+async def read_body(receive: Receive, limit: int | None = None) -> bytes:
+    """The whole request body; past ``limit`` bytes it is refused (400) as soon as it grows too big."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise RbeesError(
+                ErrorCode.INVALID_REQUEST,
+                f"the request body is larger than {limit} bytes",
+                details={"max_body_bytes": limit},
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+# --- server-sent events ------------------------------------------------------------------------------
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class LastFrame(bytes):
+    """The final piece of an event stream: the response can end in the same write."""
+
+
+class EventStreamResponse(Response):
+    """Streams SSE frames and notices a client that goes away even while no frame is due.
+
+    ``on_disconnect`` runs when the client drops before the stream ended (a streaming submission
+    cancels its job there). A frame given as ``LastFrame`` ends the response in the same write.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        on_disconnect: Callable[[], None] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        # Like StreamingResponse: no body, so no Content-Length header.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({**SSE_HEADERS, **(headers or {})})
+        self._frames = frames
+        self._on_disconnect = on_disconnect
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The frames are written from this task; only the disconnect watch runs beside it, and it
+        # cancels this task when the client goes away (no second task, no asyncio.wait per stream).
+        me = asyncio.current_task()
+        assert me is not None
+        state = {"gone": False, "over": False}
+
+        def watched(task: asyncio.Task[None]) -> None:
+            if state["over"] or task.cancelled() or task.exception() is not None:
+                return
+            state["gone"] = True
+            me.cancel()
+
+        watcher = asyncio.create_task(_wait_disconnect(receive))
+        watcher.add_done_callback(watched)
+        gone = False
+        try:
+            await self._stream(send)
+        except asyncio.CancelledError:
+            if not state["gone"] or me.uncancel() > 0:
+                raise  # cancelled from outside (shutdown): not a client that left
+            gone = True
+        except OSError:
+            gone = True
+        except Exception:
+            log.error("event stream failed", exc_info=True)
+            gone = True
+        finally:
+            state["over"] = True
+            watcher.cancel()
+        if gone and self._on_disconnect is not None:
+            self._on_disconnect()
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for frame in self._frames:
+            if isinstance(frame, LastFrame):  # end the response in the same write
+                await send({"type": "http.response.body", "body": frame, "more_body": False})
+                return
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

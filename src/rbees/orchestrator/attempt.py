@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import aiohttp
 
@@ -35,7 +37,7 @@ class Result:
     worker_error: str | None = None  # the worker itself misbehaved (fed to its health)
 
 
-async def run_attempt(
+def start_attempt(
     session: aiohttp.ClientSession,
     job: Job,
     worker_id: str,
@@ -43,7 +45,14 @@ async def run_attempt(
     token: str | None,
     ttft: Histogram,
     streams: WorkerStreams | None = None,
-) -> Result:
+) -> Callable[[], Coroutine[Any, Any, Result]]:
+    """Start one attempt; calling what it returns gives the coroutine that waits for its ``Result``.
+
+    Where a kept-alive connection to the worker is idle, the request is written before this returns,
+    so the worker starts on the job while the caller goes on (answering its client, dispatching
+    other jobs) instead of after the caller's next await. (No coroutine exists until it is called,
+    so an attempt whose job ended before anyone waited for it leaves nothing unawaited behind.)
+    """
     rec = job.record
 
     def on_event(event_type: str, data: str) -> bool:
@@ -62,11 +71,16 @@ async def run_attempt(
         finally:
             job.relaying = False
 
+    body = execute_body(job)
+    if streams is not None and streams.handles(uri):
+        sent = streams.send_now(uri, token, body, on_event)
+        return lambda: _outcome(job, worker_id, lambda: streams.execute(uri, token, body, on_event, sent))
+    return lambda: _outcome(job, worker_id, lambda: dispatcher.execute(session, uri, token, body, on_event))
+
+
+async def _outcome(job: Job, worker_id: str, stream: Callable[[], Coroutine[Any, Any, None]]) -> Result:
     try:
-        if streams is not None and streams.handles(uri):
-            await streams.execute(uri, token, execute_body(job), on_event)
-        else:
-            await dispatcher.execute(session, uri, token, execute_body(job), on_event)
+        await stream()
     except dispatcher.DispatchRejected as exc:
         if exc.code in _WORKER_FULL and not job.got_token:
             return Result(Outcome.BUSY)
@@ -87,9 +101,11 @@ async def run_attempt(
 
 
 def execute_body(job: Job) -> bytes:
-    params = job.request.model_dump(mode="json", include=_SAMPLING_FIELDS, exclude_none=True)
-    params["job_id"] = job.worker_job_id
-    return json.dumps(params).encode()
+    """The worker's ``/execute`` body: the job's sampling fields and this attempt's worker job id."""
+    if job.params_json is None:  # once per job: a retry only changes the id
+        job.params_json = job.request.model_dump_json(include=_SAMPLING_FIELDS, exclude_none=True).encode()
+    # The fields always hold a prompt or messages, so the object is never empty.
+    return b'{"job_id":%s,%s' % (json.dumps(job.worker_job_id).encode(), job.params_json[1:])
 
 
 def _stamp_started(job: Job, data: str, worker_id: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from rbees.httpd import LastFrame
 from rbees.orchestrator.registry import JobRecord
 from rbees.orchestrator.scheduler import Decision, JobView
 from rbees.protocol import ErrorCode, Event, StopReason, TaskRequest, parse_event
@@ -56,10 +57,6 @@ class JobEvent:
         return value if isinstance(value, dict) else {}
 
 
-class LastFrame(bytes):
-    """The final piece of an event stream: the response can end in the same write."""
-
-
 def dumps(value: dict[str, Any]) -> str:
     """Compact JSON, as the workers write it."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -70,12 +67,16 @@ def sse_frame(event_id: int, data: str) -> bytes:
 
 
 class EventLog:
-    """Numbered events with exactly one terminal event, followed by any number of readers."""
+    """Numbered events with exactly one terminal event, followed by any number of readers.
+
+    A reader that caught up waits on a future of its own, resolved by the next append: an event costs
+    nothing for waking when nobody waits, and a reader that is cancelled leaves the others alone.
+    """
 
     def __init__(self) -> None:
         self.events: list[JobEvent] = []
         self.closed = False
-        self._changed = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
 
     def append(self, event_type: str, data: str) -> JobEvent | None:
         if self.closed:
@@ -84,15 +85,23 @@ class EventLog:
         event = JobEvent(event_id, event_type, data, sse_frame(event_id, data))
         self.events.append(event)
         self.closed = event_type in TERMINAL_TYPES
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
         return event
+
+    def _wait(self) -> asyncio.Future[None]:
+        """A future of the calling reader's own, resolved by the next append."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        return waiter
 
     async def follow(self, last_id: int = 0) -> AsyncIterator[JobEvent]:
         """Every event after ``last_id``, live, until (and including) the terminal one."""
         index = max(0, last_id)
         while True:
-            changed = self._changed
             while index < len(self.events):
                 event = self.events[index]
                 index += 1
@@ -101,13 +110,12 @@ class EventLog:
                     return
             if self.closed:
                 return
-            await changed.wait()
+            await self._wait()
 
     async def follow_frames(self, last_id: int = 0) -> AsyncIterator[bytes]:
         """Like ``follow`` but as SSE bytes, with every event already waiting sent in one piece."""
         index = max(0, last_id)
         while True:
-            changed = self._changed
             end = len(self.events)
             if index < end:
                 batch = self.events[index:end]
@@ -120,11 +128,11 @@ class EventLog:
                 continue
             if self.closed:
                 return
-            await changed.wait()
+            await self._wait()
 
     async def wait_closed(self) -> None:
         while not self.closed:
-            await self._changed.wait()
+            await self._wait()
 
     @classmethod
     def replay_of(cls, rec: JobRecord) -> EventLog:
@@ -186,6 +194,7 @@ class Job:
         self.task: asyncio.Task[None] | None = None
         self.slot: str | None = None  # the worker whose slot this job holds
         self.worker_job_id = job_id  # the id of the current attempt on its worker
+        self.params_json: bytes | None = None  # the sampling fields as JSON, made at first dispatch
         # True while the relay itself appends a worker's event (its terminal event ends the job from
         # inside the relay, which must then not be cancelled as if the job ended elsewhere).
         self.relaying = False

@@ -28,7 +28,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.types import Receive
 
-from rbees.orchestrator.http import EventStreamResponse, require_client, service
+from rbees.httpd import EventStreamResponse
+from rbees.orchestrator.http import require_client, service
 from rbees.orchestrator.jobs import Job
 from rbees.orchestrator.service import JobService, ModelSummary
 from rbees.protocol import (

@@ -10,14 +10,15 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from rbees.httpd import CORRELATION_HEADER
-from rbees.orchestrator.http import (
+from rbees.httpd import (
+    MAX_BODY_BYTES,
     EventStreamResponse,
-    check_bearer,
-    parse_body,
-    require_client,
-    service,
+    correlation_id,
+    error_response,
+    header_map,
+    read_body,
 )
+from rbees.orchestrator.http import check_bearer, parse_body, require_client, service
 from rbees.orchestrator.jobs import TaskInfo
 from rbees.orchestrator.service import JobService
 from rbees.orchestrator.settings import OrchestratorSettings
@@ -76,46 +77,23 @@ async def submit_asgi(
 ) -> None:
     """``POST /v2/tasks`` as a bare ASGI handler: the same checks, body parsing and answers as the
     route, without the framework's middleware, routing and dependency layers on the hot path."""
-    headers: dict[bytes, bytes] = {}
-    for name, value in scope["headers"]:
-        headers.setdefault(name, value)  # the first of repeated headers, as Starlette's ``get`` does
+    headers = header_map(scope)
     try:
         if settings.api_token:
             check_bearer(headers.get(b"authorization", b"").decode("latin-1"), [settings.api_token])
-        body = await _read_body(receive)
+        body = await read_body(receive, MAX_BODY_BYTES)
         stream = "text/event-stream" in headers.get(b"accept", b"").decode("latin-1")
         response = _submitted(svc, body, stream)
-        # Let the job's dispatch task run its first step (the request to the worker goes out at once
-        # on a kept-alive connection) before this answer is written: the worker starts on the job
-        # while the client is being answered, instead of after.
+        # The request to the worker already went out if a kept-alive connection was idle; if not,
+        # let the dispatch task start connecting before this answer is written.
         await asyncio.sleep(0)
     except RbeesError as exc:
-        response = _error(exc, headers)
-    except Exception:
+        response = error_response(exc, correlation_id=correlation_id(headers))
+    except Exception as exc:
         log.error("unhandled error on POST /v2/tasks", exc_info=True)
-        response = _error(RbeesError(ErrorCode.INTERNAL, "internal error"), headers)
+        internal = RbeesError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        response = error_response(internal, correlation_id=correlation_id(headers))
     await response(scope, receive, send)
-
-
-async def _read_body(receive: Receive) -> bytes:
-    message = await receive()
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    chunks = [body]
-    while message.get("more_body", False):
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunks.append(message.get("body", b""))
-    return b"".join(chunks)
-
-
-def _error(exc: RbeesError, headers: dict[bytes, bytes]) -> Response:
-    raw = headers.get(CORRELATION_HEADER.encode())
-    envelope = exc.envelope(raw.decode("latin-1") if raw is not None else None)
-    body = envelope.model_dump(mode="json", exclude_none=True)
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers())
 
 
 @router.get("")

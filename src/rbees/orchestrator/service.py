@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +28,10 @@ import aiohttp
 
 from rbees.orchestrator import dispatcher
 from rbees.orchestrator.admission import admit
-from rbees.orchestrator.attempt import Outcome, run_attempt
-from rbees.orchestrator.fleet import Fleet, WorkerEntry, WorkerInfo
+from rbees.orchestrator.attempt import Outcome, Result, start_attempt
+from rbees.orchestrator.fleet import Fleet, WorkerInfo
 from rbees.orchestrator.health_poller import HealthPoller, HealthRules, Probe
-from rbees.orchestrator.jobs import EventLog, Job, JobState, TaskInfo, dumps, task_info
+from rbees.orchestrator.jobs import EventLog, Job, JobState, TaskInfo, task_info
 from rbees.orchestrator.metrics import Labels, Metrics
 from rbees.orchestrator.policy_script import load_policy_script
 from rbees.orchestrator.queue import JobQueue
@@ -215,7 +215,8 @@ class JobService:
         job.deadline_at = deadline_at(job.queued_at, self.settings.total_timeout_s, request.deadline_ms)
         self._jobs[job.id] = job
         self._active[job.id] = job
-        job.append("queued", dumps({"type": "queued", "job_id": job.id, "queue_position": position}))
+        # Job ids are [a-z0-9-] (made above), so the event needs no JSON encoder.
+        job.append("queued", f'{{"type":"queued","job_id":"{job.id}","queue_position":{position}}}')
         self.metrics.submitted.inc(priority=request.priority.value)
         self._pump()
         # Durable from the next turn of the loop on, after the dispatch this may have scheduled.
@@ -328,16 +329,25 @@ class JobService:
         job.worker_job_id = job.id if rec.attempts == 1 else f"{job.id}.{rec.attempts}"
         job.dispatched_at = now
         job.last_event_at = now
-        job.task = asyncio.create_task(self._run(job, worker_id), name=f"rbees-job-{job.id}")
+        entry = self.fleet.get(worker_id)
+        attempt = None
+        if entry is not None:
+            # The request goes out now where a kept-alive connection allows: a burst of submissions
+            # reaches the worker as it arrives, not after every client of the burst was answered.
+            attempt = start_attempt(
+                self.session, job, worker_id, entry.reg.uri, entry.reg.token, self.metrics.ttft, self.streams
+            )
+        job.task = asyncio.create_task(self._run(job, worker_id, attempt), name=f"rbees-job-{job.id}")
 
-    async def _run(self, job: Job, worker_id: str) -> None:
+    async def _run(
+        self, job: Job, worker_id: str, attempt: Callable[[], Coroutine[Any, Any, Result]] | None
+    ) -> None:
         failure: str | None = None
         try:
-            entry = self.fleet.get(worker_id)
-            if entry is None:
+            if attempt is None:
                 failure = f"worker {worker_id} left before the job reached it"
             else:
-                failure = await self._relay(job, entry)
+                failure = self._judge(worker_id, await attempt())
         finally:
             self._release_slot(job)
             if failure is not None and not job.done:
@@ -350,12 +360,9 @@ class JobService:
             self.fleet.release(job.slot)
             job.slot = None
 
-    async def _relay(self, job: Job, entry: WorkerEntry) -> str | None:
-        """One attempt; a reason means "retry elsewhere", ``None`` that the job ended (or waits again)."""
-        worker_id = entry.reg.worker_id
-        result = await run_attempt(
-            self.session, job, worker_id, entry.reg.uri, entry.reg.token, self.metrics.ttft, self.streams
-        )
+    def _judge(self, worker_id: str, result: Result) -> str | None:
+        """An attempt's outcome: a reason means "retry elsewhere", ``None`` that the job ended (or
+        waits again)."""
         if result.worker_error is not None:
             self.fleet.apply([Probe(worker_id, result.worker_error)], time.monotonic())
         if result.outcome is Outcome.BUSY:

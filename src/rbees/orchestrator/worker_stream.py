@@ -46,6 +46,8 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.idle_since = 0.0
         self.got_bytes = False
+        self.reused = False  # the current request runs on a connection that served one before
+        self._requests = 0
         self._parser = httptools.HttpResponseParser(self)
         self._done: asyncio.Future[None] | None = None
         self._on_event: OnEvent | None = None
@@ -69,6 +71,8 @@ class _Conn(asyncio.Protocol):
         self._complete = False
         self.got_bytes = False
         self._parser = httptools.HttpResponseParser(self)
+        self.reused = self._requests > 0
+        self._requests += 1
         self.transport.write(request)
         return self._done
 
@@ -79,6 +83,7 @@ class _Conn(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self.pool.busy.discard(self)
         if self._drain_timer is not None:
             self._drain_timer.cancel()
             self._drain_timer = None
@@ -237,6 +242,25 @@ class _Pool:
         self.busy.clear()
 
 
+class Sent:
+    """A request already written on a kept-alive connection (``WorkerStreams.send_now``)."""
+
+    __slots__ = ("conn", "done", "request")
+
+    def __init__(self, conn: _Conn, done: asyncio.Future[None], request: bytes) -> None:
+        self.conn = conn
+        self.done = done
+        self.request = request
+        # Nobody may wait for it (the job ended before its relay started): the connection then
+        # finishes on its own, and its outcome must not be reported as never retrieved.
+        done.add_done_callback(_consume)
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class WorkerStreams:
     """Keep-alive connections to every worker (plain ``http://`` URIs) for ``POST /execute``."""
 
@@ -247,20 +271,40 @@ class WorkerStreams:
     def handles(uri: str) -> bool:
         return uri.startswith("http://")
 
-    async def execute(self, uri: str, token: str | None, body: bytes, on_event: OnEvent) -> None:
-        """Stream one job from a worker into ``on_event(type, json_text)``, called synchronously as each
-        event arrives; it returns ``False`` to stop early. Returns after the terminal event."""
+    def _pool(self, uri: str, token: str | None) -> _Pool:
         pool = self._pools.get((uri, token))
         if pool is None:
             pool = self._pools[(uri, token)] = _Pool(uri, token)
-        request = pool.head + b"%d\r\n\r\n%b" % (len(body), body)
+        return pool
+
+    def send_now(self, uri: str, token: str | None, body: bytes, on_event: OnEvent) -> Sent | None:
+        """Write the request at once on an idle kept-alive connection, if there is one, so the worker
+        starts on the job before the caller's next await; ``execute(..., sent=)`` then follows it."""
+        pool = self._pool(uri, token)
         conn = pool.take_idle()
-        reused = conn is not None
         if conn is None:
-            conn = await pool.connect()
-        while True:
+            return None
+        request = pool.head + b"%d\r\n\r\n%b" % (len(body), body)
+        pool.busy.add(conn)
+        return Sent(conn, conn.start(request, on_event), request)
+
+    async def execute(
+        self, uri: str, token: str | None, body: bytes, on_event: OnEvent, sent: Sent | None = None
+    ) -> None:
+        """Stream one job from a worker into ``on_event(type, json_text)``, called synchronously as each
+        event arrives; it returns ``False`` to stop early. Returns after the terminal event.
+        ``sent``: the request already went out with ``send_now``."""
+        pool = self._pool(uri, token)
+        if sent is not None:
+            conn, done, request = sent.conn, sent.done, sent.request
+        else:
+            request = pool.head + b"%d\r\n\r\n%b" % (len(body), body)
+            idle = pool.take_idle()
+            conn = idle if idle is not None else await pool.connect()
             pool.busy.add(conn)
             done = conn.start(request, on_event)
+        reused = conn.reused
+        while True:
             try:
                 await done
                 return
@@ -277,6 +321,8 @@ class WorkerStreams:
             conn.close()
             reused = False
             conn = await pool.connect()
+            pool.busy.add(conn)
+            done = conn.start(request, on_event)
 
     def close(self) -> None:
         for pool in self._pools.values():

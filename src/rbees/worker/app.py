@@ -2,6 +2,8 @@
 
 Handlers stay thin: they check the token, parse the body into a protocol model and call the
 ``WorkerRuntime``. Every failure leaves as ``{"error": {...}}``; bad input is a 400, never a 500.
+``POST /execute`` is the hot path: ``WorkerApp`` answers it before FastAPI's middleware and router
+(the route below serves the same code for anything that mounts the routes without the fast path).
 """
 
 from __future__ import annotations
@@ -13,11 +15,20 @@ from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
-from rbees.httpd import install_error_handlers, invalid_request
+from rbees.httpd import (
+    MAX_BODY_BYTES,
+    EventStreamResponse,
+    correlation_id,
+    error_response,
+    header_map,
+    install_error_handlers,
+    invalid_request,
+    read_body,
+)
 from rbees.protocol import CancelRequest, ErrorCode, ExecuteRequest, RbeesError
 from rbees.worker.auth import check_bearer
 from rbees.worker.engines.base import EngineLoader
@@ -29,24 +40,56 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
-# A prompt may hold 1M characters; JSON escaping can make that several times as many bytes.
-MAX_BODY_BYTES = 16 * 1024 * 1024
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+class WorkerApp(FastAPI):
+    """FastAPI, with ``POST /execute`` answered before the middleware stack and router."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/execute" and scope["method"] == "POST":
+            runtime: WorkerRuntime | None = getattr(self.state, "runtime", None)
+            if runtime is not None:
+                scope["app"] = self
+                await execute_asgi(runtime, scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
 
-class JobStreamResponse(StreamingResponse):
-    """An SSE response that cancels its job if it ends early (client gone, server stopping)."""
+async def execute_asgi(runtime: WorkerRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /execute`` as a bare ASGI handler: the same checks, parsing and answers as the route."""
+    headers = header_map(scope)
+    response: Response
+    try:
+        auth = headers.get(b"authorization")
+        check_bearer(runtime.settings.token, auth.decode("latin-1") if auth is not None else None)
+        _check_declared_size(headers.get(b"content-length", b"").decode("latin-1"))
+        request = _parse(await read_body(receive, MAX_BODY_BYTES), ExecuteRequest)
+        response = await _start(runtime, request)
+    except RbeesError as exc:
+        response = error_response(exc, correlation_id=correlation_id(headers))
+    except Exception as exc:
+        log.error("unhandled error on POST /execute", exc_info=True)
+        internal = RbeesError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        response = error_response(internal, correlation_id=correlation_id(headers))
+    await response(scope, receive, send)
+
+
+class JobStreamResponse(EventStreamResponse):
+    """A job's events; a stream that ends early (client gone, server stopping) cancels the job."""
 
     def __init__(self, job: Job, frames: AsyncIterator[bytes]) -> None:
-        super().__init__(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+        super().__init__(frames, on_disconnect=job.cancel.set)
         self.job = job
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel.set()
+            self.job.cancel.set()  # a no-op for a job that already ended
+
+
+async def _start(runtime: WorkerRuntime, request: ExecuteRequest) -> JobStreamResponse:
+    job, frames = await runtime.start_job(request)
+    return JobStreamResponse(job, frames)
 
 
 def create_app(
@@ -61,7 +104,7 @@ def create_app(
         yield
         runtime.close()
 
-    app = FastAPI(title="rbees-workerd", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = WorkerApp(title="rbees-workerd", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.runtime = runtime
     install_error_handlers(app)
 
@@ -72,14 +115,15 @@ def create_app(
     @app.post("/execute")
     async def execute(request: Request) -> Response:
         check_bearer(settings.token, request.headers.get("authorization"))
-        body = await _parse_body(request, ExecuteRequest)
-        job, frames = await runtime.start_job(body)
-        return JobStreamResponse(job, frames)
+        _check_declared_size(request.headers.get("content-length", ""))
+        body = _parse(await _read_request(request), ExecuteRequest)
+        return await _start(runtime, body)
 
     @app.post("/cancel", status_code=202)
     async def cancel(request: Request) -> Response:
         check_bearer(settings.token, request.headers.get("authorization"))
-        body = await _parse_body(request, CancelRequest)
+        _check_declared_size(request.headers.get("content-length", ""))
+        body = _parse(await _read_request(request), CancelRequest)
         running = runtime.cancel(body.job_id)
         return JSONResponse({"job_id": body.job_id, "cancelled": running}, status_code=202)
 
@@ -90,29 +134,34 @@ def _json(model: BaseModel, status_code: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
-async def _read_body(request: Request) -> bytes:
-    """The request body, refused as soon as it grows past ``MAX_BODY_BYTES``."""
-    too_big = RbeesError(
+def _too_big() -> RbeesError:
+    return RbeesError(
         ErrorCode.INVALID_REQUEST,
         f"the request body is larger than {MAX_BODY_BYTES} bytes",
         details={"max_body_bytes": MAX_BODY_BYTES},
     )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_big
+
+
+def _check_declared_size(content_length: str) -> None:
+    """Refuse a body whose declared size is too big before reading any of it."""
+    if content_length.isdigit() and int(content_length) > MAX_BODY_BYTES:
+        raise _too_big()
+
+
+async def _read_request(request: Request) -> bytes:
+    """The request body, refused as soon as it grows past ``MAX_BODY_BYTES``."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise too_big
+            raise _too_big()
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-async def _parse_body(request: Request, model: type[M]) -> M:
+def _parse(raw: bytes, model: type[M]) -> M:
     """Parse a JSON body whatever its Content-Type (curl -d sends form-encoded by default)."""
-    raw = await _read_body(request)
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+from rbees.httpd import LastFrame
 from rbees.protocol import (
     Backend,
     ErrorCode,
@@ -34,11 +35,15 @@ from rbees.worker.decoder import DecodeLoop
 from rbees.worker.engines.base import Engine, EngineLoader, PromptError
 from rbees.worker.jobs import Generation, Job
 from rbees.worker.settings import WorkerSettings
-from rbees.worker.slots import SlotTable
+from rbees.worker.slots import Flag, SlotTable
 
 log = logging.getLogger(__name__)
 
 LOADING_RETRY_AFTER_S = 2.0
+# Prompts up to this size are tokenized on the event loop (tens of microseconds): a hop to a thread
+# and back costs more than that, and far more while the decode thread holds the GIL. Longer ones go
+# to a thread so they never stall the other streams.
+INLINE_ENCODE_CHARS = 8192
 _CANCEL_GRACE_S = 30.0
 
 
@@ -143,7 +148,10 @@ class WorkerRuntime:
         engine = self._ready_engine()
         cancel = self.slots.reserve(request.job_id)
         try:
-            prompt_ids = await asyncio.to_thread(engine.encode, request.prompt, request.messages)
+            if _prompt_chars(request) <= INLINE_ENCODE_CHARS:
+                prompt_ids = engine.encode(request.prompt, request.messages)
+            else:
+                prompt_ids = await asyncio.to_thread(engine.encode, request.prompt, request.messages)
             context = engine.context_length
             if len(prompt_ids) >= context:
                 raise RbeesError(
@@ -170,14 +178,14 @@ class WorkerRuntime:
         )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        ended = threading.Event()
+        ended = Flag()
 
         def finish(last: bytes | None) -> None:
             # Free the slot before the client can see the terminal event, so a client that
             # sends its next request as soon as this one ends never finds the slot still taken.
             self.slots.release(job.job_id, cancel)
             if last is not None:
-                queue.put_nowait(last)
+                queue.put_nowait(LastFrame(last))
             queue.put_nowait(None)
 
         def emit(event: Event) -> None:
@@ -225,18 +233,28 @@ class WorkerRuntime:
         self._decoder.stop()
 
 
+def _prompt_chars(request: ExecuteRequest) -> int:
+    if request.prompt is not None:
+        return len(request.prompt)
+    return sum(len(m.content) for m in request.messages or ())
+
+
 async def _frames(first: bytes, queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
-    """The SSE frames of one job; frames that queued up meanwhile go out in one write."""
+    """The SSE frames of one job; frames that queued up meanwhile go out in one write, and the
+    terminal event (a ``LastFrame``) ends the response in the same write."""
     yield first
     while True:
         chunk = await queue.get()
+        parts: list[bytes] = []
+        while chunk is not None:
+            parts.append(chunk)
+            if isinstance(chunk, LastFrame):
+                yield LastFrame(b"".join(parts))
+                return
+            if queue.empty():
+                break
+            chunk = queue.get_nowait()
+        if parts:
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
         if chunk is None:
             return
-        parts = [chunk]
-        while not queue.empty():
-            more = queue.get_nowait()
-            if more is None:
-                yield b"".join(parts)
-                return
-            parts.append(more)
-        yield b"".join(parts)
