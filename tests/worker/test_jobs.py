@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Generator, Sequence
 
 import pytest
@@ -18,6 +17,7 @@ from rbees.protocol import (
 )
 from rbees.protocol.events import Event
 from rbees.worker.jobs import Job, run_generation
+from rbees.worker.slots import Flag
 
 EOS = 99
 VOCAB = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "!", 6: " STOP", 7: " after"}
@@ -141,7 +141,7 @@ def test_cancel_stops_within_one_step() -> None:
 def test_cancel_before_start_generates_nothing() -> None:
     engine = ScriptedEngine([1, 2])
     request = ExecuteRequest(job_id="j", prompt="x")
-    job = Job(job_id="j", request=request, prompt_ids=[1], seed=0, cancel=threading.Event())
+    job = Job(job_id="j", request=request, prompt_ids=[1], seed=0, cancel=Flag())
     job.cancel.set()
     events: list[Event] = []
     run_generation(engine, job, events.append)

@@ -10,7 +10,6 @@ generation calls ``step()`` (the worker's one decode thread, taking turns among 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from rbees.protocol import EndEvent, ErrorCode, ErrorEvent, ExecuteRequest, StopReason, TokenEvent
 from rbees.protocol.events import Event
 from rbees.worker.engines.base import Engine
+from rbees.worker.slots import Flag
 from rbees.worker.streaming import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Job:
     request: ExecuteRequest
     prompt_ids: list[int]
     seed: int
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: Flag = field(default_factory=Flag)
 
 
 class _TokenStream:

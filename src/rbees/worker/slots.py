@@ -7,17 +7,33 @@ cancel flag from then on, so a cancel that arrives while the prompt is still enc
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from rbees.protocol import ErrorCode, RbeesError
 
 SLOTS_RETRY_AFTER_S = 1.0
 
 
+class Flag:
+    """A one-way flag shared between the event loop and the decode thread: ``set()`` on one side,
+    ``is_set()`` polled on the other (a single attribute store and load, atomic under the GIL).
+    Nothing ever waits on it, so it needs none of ``threading.Event``'s lock and condition."""
+
+    __slots__ = ("_on",)
+
+    def __init__(self) -> None:
+        self._on = False
+
+    def set(self) -> None:
+        self._on = True
+
+    def is_set(self) -> bool:
+        return self._on
+
+
 class SlotTable:
     def __init__(self, total: int) -> None:
         self.total = total
-        self._cancel_flags: dict[str, threading.Event] = {}
+        self._cancel_flags: dict[str, Flag] = {}
         self.idle = asyncio.Event()
         self.idle.set()
 
@@ -25,7 +41,7 @@ class SlotTable:
     def busy(self) -> int:
         return len(self._cancel_flags)
 
-    def reserve(self, job_id: str) -> threading.Event:
+    def reserve(self, job_id: str) -> Flag:
         """Take a slot for ``job_id``; return the job's cancel flag."""
         if job_id in self._cancel_flags:
             raise RbeesError(
@@ -40,11 +56,11 @@ class SlotTable:
                 details={"slots_total": self.total},
                 retry_after=SLOTS_RETRY_AFTER_S,
             )
-        flag = self._cancel_flags[job_id] = threading.Event()
+        flag = self._cancel_flags[job_id] = Flag()
         self.idle.clear()
         return flag
 
-    def release(self, job_id: str, flag: threading.Event) -> None:
+    def release(self, job_id: str, flag: Flag) -> None:
         """Free the slot taken with ``flag`` (a later job reusing the id keeps its own)."""
         if self._cancel_flags.get(job_id) is flag:
             del self._cancel_flags[job_id]
