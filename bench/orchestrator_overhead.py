@@ -1,7 +1,10 @@
 """What the orchestrator adds: time to first token and tokens/s, direct to a worker vs through rbees-orcd.
 
 Both paths run interleaved in one process (direct round, orchestrated round, alternating which goes
-first), at each concurrency, with the same seed and greedy sampling so both do the same work.
+first), at each concurrency, with the same seed and greedy sampling so both do the same work, under
+two loads: ``burst`` (every stream submits at the same instant: the worst case for admission) and
+``steady`` (each stream submits its next job as soon as its last one ended, with lengths that vary,
+so new jobs arrive while the others decode: what N concurrent users look like).
 
     # self-contained: spawns one rbees-workerd and one rbees-orcd on free ports, then stops them
     python bench/orchestrator_overhead.py --spawn-model PATH [--slots 16] [--rounds 10]
@@ -14,6 +17,11 @@ Prints TTFT p50/p99 for each path, the added latency (orchestrated minus direct,
 throughput ratio (aggregate tokens/s orchestrated / direct). Goal: added p50 <= 2 ms, ratio >= 0.95.
 Between rounds it waits until the worker reports no busy slot, so one round never queues behind the
 last. With --spawn-model it also prints the orchestrator's own CPU time per job and per token.
+
+--pin (spawn mode, Linux) gives the worker CPU 0 to itself and runs the orchestrator and this client on
+the other CPUs: the deployment rbees is built for, where workers sit on their own (GPU) machines and
+the orchestrator does not take CPU time from decoding. Without it all three share every CPU, and on a
+small machine the orchestrator's CPU time for relaying shows up as the worker's lost tokens/s.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -55,6 +64,8 @@ class Series:
     ttft: list[float] = field(default_factory=list)
     rates: list[float] = field(default_factory=list)  # aggregate tokens/s per round
     errors: int = 0
+    jobs: int = 0
+    tokens: int = 0
 
 
 async def one_stream(
@@ -86,19 +97,21 @@ async def one_stream(
     return Sample(ttft, tokens, time.perf_counter() - t0)
 
 
-async def one_round(
+def _request(
+    args: argparse.Namespace, direct: bool, max_tokens: int
+) -> tuple[str, dict[str, Any], dict[str, str]]:
+    sampling = {"prompt": args.prompt, "max_tokens": max_tokens, "temperature": 0.0, "seed": 7}
+    if direct:
+        body = {**sampling, "job_id": "bench-" + uuid.uuid4().hex[:12]}
+        return args.worker + "/execute", body, _auth(args.worker_token)
+    return args.orchestrator + "/v2/tasks", {**sampling, "model": args.model}, _auth(args.api_token)
+
+
+async def burst_round(
     session: aiohttp.ClientSession, args: argparse.Namespace, direct: bool, concurrency: int, series: Series
 ) -> None:
-    sampling = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0.0, "seed": 7}
-    tasks = []
-    for _ in range(concurrency):
-        if direct:
-            body = {**sampling, "job_id": "bench-" + uuid.uuid4().hex[:12]}
-            url, headers = args.worker + "/execute", _auth(args.worker_token)
-        else:
-            body = {**sampling, "model": args.model}
-            url, headers = args.orchestrator + "/v2/tasks", _auth(args.api_token)
-        tasks.append(one_stream(session, url, body, headers))
+    """All streams submit at the same instant, each one job of --max-tokens."""
+    tasks = [one_stream(session, *_request(args, direct, args.max_tokens)) for _ in range(concurrency)]
     await settle(session, args)
     t0 = time.perf_counter()
     results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -109,8 +122,53 @@ async def one_round(
         if not isinstance(r, Sample):
             print(f"  error: {r}", file=sys.stderr)
     series.ttft.extend(r.ttft for r in ok)
+    series.jobs += len(ok)
+    series.tokens += sum(r.tokens for r in ok)
     if ok:
         series.rates.append(sum(r.tokens for r in ok) / wall)
+
+
+async def steady_round(
+    session: aiohttp.ClientSession,
+    args: argparse.Namespace,
+    direct: bool,
+    concurrency: int,
+    series: Series,
+    seed: int,
+) -> None:
+    """Each stream submits its next job as soon as the last one ended (--jobs-per-stream of them), with
+    lengths drawn around --max-tokens from ``seed`` (the same draw for both paths), so the streams drift
+    apart and jobs arrive while others decode. Each stream's first job starts in the opening burst
+    and is left out of the TTFT samples (the burst load measures that)."""
+    rng = random.Random(seed)
+    low, high = max(1, args.max_tokens // 2), args.max_tokens * 3 // 2
+    plans = [[rng.randint(low, high) for _ in range(args.jobs_per_stream)] for _ in range(concurrency)]
+
+    async def stream(plan: list[int]) -> tuple[list[float], int, int, int]:
+        ttfts: list[float] = []
+        tokens = jobs = 0
+        for k, max_tokens in enumerate(plan):
+            try:
+                sample = await one_stream(session, *_request(args, direct, max_tokens))
+            except (RuntimeError, aiohttp.ClientError, OSError) as exc:  # counted; the stream stops
+                print(f"  error: {exc}", file=sys.stderr)
+                return ttfts, tokens, jobs, 1
+            if k > 0:
+                ttfts.append(sample.ttft)
+            tokens += sample.tokens
+            jobs += 1
+        return ttfts, tokens, jobs, 0
+
+    await settle(session, args)
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(stream(plan) for plan in plans))
+    wall = time.perf_counter() - t0
+    for ttfts, tokens, jobs, errors in results:
+        series.ttft.extend(ttfts)
+        series.tokens += tokens
+        series.jobs += jobs
+        series.errors += errors
+    series.rates.append(sum(r[1] for r in results) / wall)
 
 
 async def settle(session: aiohttp.ClientSession, args: argparse.Namespace) -> None:
@@ -141,40 +199,62 @@ async def run(args: argparse.Namespace) -> int:
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=600)
     ) as session:
-        for concurrency in args.concurrency:
-            direct, orch = Series(), Series()
-            for _ in range(args.warmup):
-                await one_round(session, args, True, concurrency, Series())
-                await one_round(session, args, False, concurrency, Series())
-            cpu = OrcdCpu(args.orcd_pid)
-            for r in range(args.rounds):
-                order = [(True, direct), (False, orch)] if r % 2 == 0 else [(False, orch), (True, direct)]
-                for is_direct, series in order:
-                    if not is_direct:
-                        cpu.resume()
-                    await one_round(session, args, is_direct, concurrency, series)
-                    if not is_direct:
-                        cpu.pause()
-            added50 = (pct(orch.ttft, 50) - pct(direct.ttft, 50)) * 1000
-            added99 = (pct(orch.ttft, 99) - pct(direct.ttft, 99)) * 1000
-            ratio = statistics.mean(orch.rates) / statistics.mean(direct.rates)
-            shape = f"{args.rounds} rounds x {concurrency} streams x {args.max_tokens} tokens"
-            print(f"concurrency {concurrency}: {shape}")
-            for name, s in (("direct", direct), ("orchestrated", orch)):
-                p50, p99 = pct(s.ttft, 50) * 1000, pct(s.ttft, 99) * 1000
-                rate = statistics.mean(s.rates)
-                ttft = f"TTFT p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
-                print(f"  {name:13s} {ttft}  {rate:8.1f} tok/s  errors {s.errors}")
-            verdict = "ok" if added50 <= 2.0 and ratio >= 0.95 else "MISSED"
-            added = f"added TTFT p50 {added50:+.2f} ms  p99 {added99:+.2f} ms"
-            print(f"  {added}  throughput ratio {ratio:.3f}  [{verdict}]")
-            jobs = args.rounds * concurrency
-            if cpu.total is not None:
-                per_job = cpu.total / jobs * 1000
-                per_token = cpu.total / (jobs * args.max_tokens) * 1e6
-                print(f"  orchestrator CPU {per_job:.2f} ms per job, {per_token:.0f} us per token (all in)")
-            failed = failed or verdict != "ok" or bool(direct.errors or orch.errors)
+        for load in args.load:
+            for concurrency in args.concurrency:
+                if load == "steady" and concurrency == 1:
+                    continue  # one stream has no other jobs to arrive among: the burst load covers it
+                failed = await compare(session, args, load, concurrency) or failed
     return 1 if failed and args.strict else 0
+
+
+async def compare(
+    session: aiohttp.ClientSession, args: argparse.Namespace, load: str, concurrency: int
+) -> bool:
+    """Direct and orchestrated rounds, interleaved (alternating which goes first); print the figures."""
+
+    async def one(direct: bool, series: Series, r: int) -> None:
+        if load == "burst":
+            await burst_round(session, args, direct, concurrency, series)
+        else:
+            await steady_round(session, args, direct, concurrency, series, seed=r)
+
+    direct, orch = Series(), Series()
+    for w in range(args.warmup):
+        await one(True, Series(), -1 - w)
+        await one(False, Series(), -1 - w)
+    cpu = OrcdCpu(args.orcd_pid)
+    for r in range(args.rounds):
+        order = [(True, direct), (False, orch)] if r % 2 == 0 else [(False, orch), (True, direct)]
+        for is_direct, series in order:
+            if not is_direct:
+                cpu.resume()
+            await one(is_direct, series, r)
+            if not is_direct:
+                cpu.pause()
+    added50 = (pct(orch.ttft, 50) - pct(direct.ttft, 50)) * 1000
+    added99 = (pct(orch.ttft, 99) - pct(direct.ttft, 99)) * 1000
+    ratio = statistics.mean(orch.rates) / statistics.mean(direct.rates)
+    if load == "burst":
+        shape = f"{args.rounds} rounds x {concurrency} streams at once x {args.max_tokens} tokens"
+    else:
+        shape = (
+            f"{args.rounds} rounds x {concurrency} streams x {args.jobs_per_stream} jobs back to back, "
+            f"{max(1, args.max_tokens // 2)}-{args.max_tokens * 3 // 2} tokens"
+        )
+    print(f"{load} load, concurrency {concurrency}: {shape}")
+    for name, s in (("direct", direct), ("orchestrated", orch)):
+        p50, p99 = pct(s.ttft, 50) * 1000, pct(s.ttft, 99) * 1000
+        rate = statistics.mean(s.rates)
+        ttft = f"TTFT p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+        print(f"  {name:13s} {ttft}  {rate:8.1f} tok/s  errors {s.errors}")
+    verdict = "ok" if added50 <= 2.0 and ratio >= 0.95 else "MISSED"
+    added = f"added TTFT p50 {added50:+.2f} ms  p99 {added99:+.2f} ms"
+    print(f"  {added}  throughput ratio {ratio:.3f}  [{verdict}]")
+    if cpu.total is not None and orch.jobs and orch.tokens:
+        per_job = cpu.total / orch.jobs * 1000
+        per_token = cpu.total / orch.tokens * 1e6
+        print(f"  orchestrator CPU {per_job:.2f} ms per job, {per_token:.0f} us per token (all in)")
+    return verdict != "ok" or bool(direct.errors or orch.errors)
 
 
 class OrcdCpu:
@@ -237,6 +317,9 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
     args.model = "bench-model"
     procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    worker_cpus, other_cpus = _cpu_split(args.pin)
+    if other_cpus:
+        os.sched_setaffinity(0, other_cpus)  # this client, and the orchestrator it spawns next
     try:
         log = (tmp / "orcd.log").open("wb")
         procs.append(
@@ -249,9 +332,11 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
         wait_json(args.orchestrator + "/health", 60)
         args.orcd_pid = procs[0].pid
         log = (tmp / "worker.log").open("wb")
+        pin = ["taskset", "-c", ",".join(map(str, sorted(worker_cpus)))] if worker_cpus else []
         procs.append(
             subprocess.Popen(
-                [str(BIN / "rbees-workerd"), "--worker-id", "bench-worker", "--model", str(args.spawn_model),
+                [*pin, str(BIN / "rbees-workerd"), "--worker-id", "bench-worker",
+                 "--model", str(args.spawn_model),
                  "--model-id", args.model, "--port", str(w_port), "--slots", str(args.slots),
                  "--threads", str(args.threads),
                  "--callback-url", args.orchestrator + "/v2/workers/register",
@@ -266,6 +351,9 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
                 raise TimeoutError("the worker never registered")
             time.sleep(0.1)
         print(f"spawned rbees-orcd {args.orchestrator} and rbees-workerd {args.worker} (logs in {tmp})")
+        if worker_cpus:
+            mine, theirs = sorted(worker_cpus), sorted(other_cpus)
+            print(f"pinned: worker on CPU {mine}, orchestrator and client on {theirs}")
         yield
     finally:
         for p in reversed(procs):
@@ -276,6 +364,16 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def _cpu_split(pin: bool) -> tuple[set[int], set[int]]:
+    """(the worker's CPUs, everyone else's) for --pin; two empty sets when not pinning."""
+    if not pin:
+        return set(), set()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    return {cpus[0]}, set(cpus[1:])
 
 
 def main() -> int:
@@ -292,12 +390,24 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--load",
+        type=lambda v: [x.strip() for x in v.split(",")],
+        default=["burst", "steady"],
+        help="burst (every stream submits at once), steady (streams submit back to back), or both",
+    )
+    ap.add_argument("--jobs-per-stream", type=int, default=6, help="steady load: jobs each stream runs")
     ap.add_argument("--prompt", default="Once upon a time")
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker-args", default="", help="extra rbees-workerd arguments (spawn mode)")
+    ap.add_argument(
+        "--pin", action="store_true", help="spawn mode: the worker gets CPU 0, the rest get the others"
+    )
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = ap.parse_args()
+    if not set(args.load) <= {"burst", "steady"}:
+        ap.error("--load takes burst, steady or burst,steady")
     args.orcd_pid = None
     if args.spawn_model:
         with spawned(args):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,10 +53,10 @@ class WorkerEntry:
     reported: dict[str, Any] | None = None
     inflight: int = 0
     held: int = 0
+    pool: str = field(init=False)  # the registration's pool, else the host of its URI
 
-    @property
-    def pool(self) -> str:
-        return self.reg.pool or urlsplit(self.reg.uri).hostname or "local"
+    def __post_init__(self) -> None:
+        self.pool = self.reg.pool or urlsplit(self.reg.uri).hostname or "local"
 
     @property
     def status(self) -> str:

@@ -171,7 +171,7 @@ class WorkerRuntime:
         started = StartedEvent(
             job_id=job.job_id,
             model=self.model_name,
-            started_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            started_at=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
             seed=seed,
             tokens_in=len(prompt_ids),
             worker_id=self.settings.worker_id,
