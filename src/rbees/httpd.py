@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -93,6 +93,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 # --- bare-ASGI hot paths ---------------------------------------------------------------------------
+
+
+Headers = dict[bytes, bytes]
+
+
+async def serve_asgi(
+    where: str, scope: Scope, receive: Receive, send: Send, respond: Callable[[Headers], Awaitable[Response]]
+) -> None:
+    """Answer one request with ``await respond(headers)``; any error it raises leaves as the envelope,
+    exactly as the app's exception handlers would answer it."""
+    headers = header_map(scope)
+    response: Response
+    try:
+        response = await respond(headers)
+    except RbeesError as exc:
+        response = error_response(exc, correlation_id=correlation_id(headers))
+    except Exception as exc:
+        log.error("unhandled error on %s", where, exc_info=True)
+        internal = RbeesError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        response = error_response(internal, correlation_id=correlation_id(headers))
+    await response(scope, receive, send)
 
 
 def header_map(scope: Scope) -> dict[bytes, bytes]:

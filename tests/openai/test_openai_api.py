@@ -167,11 +167,15 @@ def test_closing_a_stream_cancels_its_job(oa: openai.OpenAI, rb: Client) -> None
 
 
 def test_client_timeout_cancels_a_waiting_job(oa: openai.OpenAI, rb: Client, openai_cluster: Cluster) -> None:
-    busy = [rb.enqueue({"model": "tiny", "prompt": "1 2 3", "max_tokens": 240}).job_id for _ in range(2)]
+    # Greedy: the tiny model runs these to max_tokens (no early EOS), so the one slot stays taken.
+    hold = {"model": "tiny", "prompt": "1 2 3", "max_tokens": 240, "temperature": 0}
+    busy = [rb.enqueue(hold).job_id for _ in range(2)]
     impatient = oa.with_options(timeout=0.3, max_retries=0)
     try:
         with pytest.raises(openai.APITimeoutError):
             impatient.completions.create(model="tiny", prompt="late", max_tokens=8)
+        holder = rb.job(busy[0])
+        assert holder.status in ("running", "completed") and holder.attempts == 1, holder
         time.sleep(0.5)
         ours = next(j for j in rb.jobs(limit=5) if j.job_id not in busy)  # the newest
         assert wait_status(rb, ours.job_id, "cancelled").status == "cancelled"

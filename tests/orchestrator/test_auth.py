@@ -69,3 +69,15 @@ def test_default_bind_is_loopback(tmp_path: Path) -> None:
     from rbees.orchestrator.main import load_settings
 
     assert load_settings(["--state-dir", str(tmp_path)], {}).host == "127.0.0.1"
+
+
+def test_a_missing_token_says_which_scheme_to_use(orcd: Orcd) -> None:
+    r = orcd.call("/v2/tasks", "POST", {"model": "m", "prompt": "hi"})
+    assert r.status == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+def test_an_oversized_submission_is_a_400_before_anything_is_queued(orcd: Orcd) -> None:
+    r = orcd.call("/v2/tasks", "POST", {"model": "m", "prompt": "x" * 17_000_000}, token=API)
+    assert r.status == 400 and r.body["error"]["code"] == "INVALID_REQUEST"
+    assert r.body["error"]["details"]["max_body_bytes"] == 16 * 1024 * 1024
+    assert orcd.call("/health").body["queue_depth"] == 0

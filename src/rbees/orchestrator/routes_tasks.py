@@ -13,10 +13,9 @@ from starlette.types import Receive, Scope, Send
 from rbees.httpd import (
     MAX_BODY_BYTES,
     EventStreamResponse,
-    correlation_id,
-    error_response,
-    header_map,
+    Headers,
     read_body,
+    serve_asgi,
 )
 from rbees.orchestrator.http import check_bearer, parse_body, require_client, service
 from rbees.orchestrator.jobs import TaskInfo
@@ -77,8 +76,8 @@ async def submit_asgi(
 ) -> None:
     """``POST /v2/tasks`` as a bare ASGI handler: the same checks, body parsing and answers as the
     route, without the framework's middleware, routing and dependency layers on the hot path."""
-    headers = header_map(scope)
-    try:
+
+    async def respond(headers: Headers) -> Response:
         if settings.api_token:
             check_bearer(headers.get(b"authorization", b"").decode("latin-1"), [settings.api_token])
         body = await read_body(receive, MAX_BODY_BYTES)
@@ -87,13 +86,9 @@ async def submit_asgi(
         # The request to the worker already went out if a kept-alive connection was idle; if not,
         # let the dispatch task start connecting before this answer is written.
         await asyncio.sleep(0)
-    except RbeesError as exc:
-        response = error_response(exc, correlation_id=correlation_id(headers))
-    except Exception as exc:
-        log.error("unhandled error on POST /v2/tasks", exc_info=True)
-        internal = RbeesError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
-        response = error_response(internal, correlation_id=correlation_id(headers))
-    await response(scope, receive, send)
+        return response
+
+    await serve_asgi("POST /v2/tasks", scope, receive, send, respond)
 
 
 @router.get("")

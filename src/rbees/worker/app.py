@@ -22,12 +22,11 @@ from starlette.types import Receive, Scope, Send
 from rbees.httpd import (
     MAX_BODY_BYTES,
     EventStreamResponse,
-    correlation_id,
-    error_response,
-    header_map,
+    Headers,
     install_error_handlers,
     invalid_request,
     read_body,
+    serve_asgi,
 )
 from rbees.protocol import CancelRequest, ErrorCode, ExecuteRequest, RbeesError
 from rbees.worker.auth import check_bearer
@@ -56,21 +55,15 @@ class WorkerApp(FastAPI):
 
 async def execute_asgi(runtime: WorkerRuntime, scope: Scope, receive: Receive, send: Send) -> None:
     """``POST /execute`` as a bare ASGI handler: the same checks, parsing and answers as the route."""
-    headers = header_map(scope)
-    response: Response
-    try:
+
+    async def respond(headers: Headers) -> Response:
         auth = headers.get(b"authorization")
         check_bearer(runtime.settings.token, auth.decode("latin-1") if auth is not None else None)
         _check_declared_size(headers.get(b"content-length", b"").decode("latin-1"))
         request = _parse(await read_body(receive, MAX_BODY_BYTES), ExecuteRequest)
-        response = await _start(runtime, request)
-    except RbeesError as exc:
-        response = error_response(exc, correlation_id=correlation_id(headers))
-    except Exception as exc:
-        log.error("unhandled error on POST /execute", exc_info=True)
-        internal = RbeesError(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
-        response = error_response(internal, correlation_id=correlation_id(headers))
-    await response(scope, receive, send)
+        return await _start(runtime, request)
+
+    await serve_asgi("POST /execute", scope, receive, send, respond)
 
 
 class JobStreamResponse(EventStreamResponse):
