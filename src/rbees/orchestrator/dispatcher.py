@@ -107,16 +107,24 @@ def event_type_of(data: str) -> str:
 
 
 async def _rejection(resp: aiohttp.ClientResponse) -> DispatchRejected:
-    code, message = ErrorCode.WORKER_FAILED, f"HTTP {resp.status}"
     try:
-        body: Any = await resp.json(content_type=None)
-        err = body.get("error", {}) if isinstance(body, dict) else {}
+        body = await resp.read()
+    except aiohttp.ClientError:
+        body = b""
+    return rejection(resp.status, body)
+
+
+def rejection(status: int, body: bytes) -> DispatchRejected:
+    """A worker's error answer (the error envelope, when it is one) as ``DispatchRejected``."""
+    code, message = ErrorCode.WORKER_FAILED, f"HTTP {status}"
+    try:
+        value: Any = json.loads(body)
+        err = value.get("error", {}) if isinstance(value, dict) else {}
         code = ErrorCode(err.get("code", code))
         message = str(err.get("message", message))
-    except (ValueError, aiohttp.ClientError):
-        pass
-    retriable = resp.status not in NOT_RETRIABLE_STATUS
-    return DispatchRejected(resp.status, code, message, retriable)
+    except (ValueError, AttributeError):
+        pass  # not an envelope: keep the generic code and the HTTP status as the message
+    return DispatchRejected(status, code, message, status not in NOT_RETRIABLE_STATUS)
 
 
 async def cancel(

@@ -10,23 +10,21 @@ for an error answer, ``StreamBroken`` when the stream stops before its terminal 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
 
 from rbees.orchestrator.dispatcher import (
-    NOT_RETRIABLE_STATUS,
     TERMINAL,
     TOKEN_PREFIX,
-    DispatchRejected,
     StreamBroken,
     event_type_of,
+    rejection,
 )
-from rbees.protocol import ErrorCode, SSEParser
+from rbees.protocol import SSEParser
 
 OnEvent = Callable[[str, str], bool]
 
@@ -185,18 +183,6 @@ class _Conn(asyncio.Protocol):
 
     def _reject(self) -> None:
         self._fail(rejection(self._status, b"".join(self._error_body)))
-
-
-def rejection(status: int, body: bytes) -> DispatchRejected:
-    code, message = ErrorCode.WORKER_FAILED, f"HTTP {status}"
-    try:
-        value: Any = json.loads(body)
-        err = value.get("error", {}) if isinstance(value, dict) else {}
-        code = ErrorCode(err.get("code", code))
-        message = str(err.get("message", message))
-    except (ValueError, AttributeError):
-        pass
-    return DispatchRejected(status, code, message, status not in NOT_RETRIABLE_STATUS)
 
 
 class _Pool:
