@@ -49,11 +49,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def worker(model: Path, threads: int, cache_dir: Path, log: Path) -> Iterator[tuple[str, int]]:
+def worker(model: Path, threads: int, cache_dir: Path, log: Path, backend: str) -> Iterator[tuple[str, int]]:
     port = free_port()
     exe = Path(sys.executable).parent / "rbees-workerd"
     args = [str(exe), "--worker-id", "bench", "--model", str(model), "--port", str(port)]
-    args += ["--threads", str(threads), "--cache-dir", str(cache_dir)]
+    args += ["--threads", str(threads), "--cache-dir", str(cache_dir), "--backend", backend]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -121,12 +121,13 @@ def through_worker(url: str, pid: int, job_id: str, max_tokens: int) -> Run:
 class Direct:
     """The same weights loaded here, called through ``model.generate``."""
 
-    def __init__(self, model: Path, cache_dir: Path) -> None:
+    def __init__(self, model: Path, cache_dir: Path, backend: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from rbees.protocol import ChatMessage
+        from rbees.protocol import Backend, ChatMessage
         from rbees.worker.engines import gguf_cache
         from rbees.worker.engines.chat_template import ChatTemplate
+        from rbees.worker.engines.devices import dtype_for, resolve_device
 
         directory = model
         if model.suffix == ".gguf":
@@ -135,14 +136,18 @@ class Direct:
                 sys.exit("the worker did not leave a converted copy of the GGUF model")
             directory = cached
         self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        self.model = AutoModelForCausalLM.from_pretrained(str(directory), dtype="float32").eval()
+        device = resolve_device(Backend(backend), None)
+        dtype = dtype_for(device)  # the worker's own choice: fp32 on cpu, the checkpoint's on cuda
+        self.model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype or "auto")
+        self.model = self.model.to(device).eval()
         template = ChatTemplate(
             self.tokenizer.chat_template,
             bos_token=self.tokenizer.bos_token,
             eos_token=self.tokenizer.eos_token,
         )
         rendered = template.render([ChatMessage(role="user", content=PROMPT)])
-        self.input_ids = self.tokenizer(rendered, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = self.tokenizer(rendered, return_tensors="pt", add_special_tokens=False).input_ids
+        self.input_ids = ids.to(device)
 
     def generate(self, max_tokens: int) -> Run:
         import torch
@@ -165,6 +170,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], default="cpu")
     home = Path(os.environ.get("RBEES_HOME") or Path.home() / ".rbees").expanduser()
     ap.add_argument("--cache-dir", type=Path, default=home / "cache", help="GGUF conversion cache")
     args = ap.parse_args()
@@ -176,9 +182,12 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         cache_dir = args.cache_dir
         log = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "bench-worker.log"
-        print(f"model {model.name}, {args.threads} thread(s), {args.max_tokens} max tokens, greedy")
-        url, pid = stack.enter_context(worker(model, args.threads, cache_dir, log))
-        direct = Direct(model, cache_dir)
+        print(
+            f"model {model.name} on {args.backend}, {args.threads} thread(s), "
+            f"{args.max_tokens} max tokens, greedy"
+        )
+        url, pid = stack.enter_context(worker(model, args.threads, cache_dir, log, args.backend))
+        direct = Direct(model, cache_dir, args.backend)
         through_worker(url, pid, "warmup", 8)
         direct.generate(8)
         runs: dict[str, list[Run]] = {"worker": [], "generate": []}

@@ -56,8 +56,36 @@ def _train_tokenizer(dest: Path, vocab_size: int) -> int:
     return int(tok.get_vocab_size())
 
 
-def build_tiny_model(dest: Path, arch: str = "llama", *, seed: int = 0) -> Path:
-    """Write a tiny ``arch`` (llama, qwen2, mistral or phi3) model directory at ``dest`` and return it."""
+# Layer shapes: "tiny" loads and runs in milliseconds on a CPU; "smollm2-135m" has the real SmolLM2-135M's
+# shapes (random weights, the tiny tokenizer's vocabulary), for benchmarks on a GPU.
+SHAPES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+    },
+    "smollm2-135m": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "max_position_embeddings": 2048,
+    },
+}
+
+
+def build_tiny_model(
+    dest: Path, arch: str = "llama", *, seed: int = 0, shape: str = "tiny", never_eos: bool = False
+) -> Path:
+    """Write a random-weight ``arch`` (llama, qwen2, mistral or phi3) model directory at ``dest``.
+
+    ``never_eos`` zeroes the output row of the end-of-sequence token, so greedy decoding always runs to
+    ``max_tokens`` (what a benchmark wants); ``shape`` picks the layer sizes from ``SHAPES``.
+    """
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config
 
@@ -65,12 +93,7 @@ def build_tiny_model(dest: Path, arch: str = "llama", *, seed: int = 0) -> Path:
     vocab = _train_tokenizer(dest, vocab_size=512)
     common = {
         "vocab_size": vocab,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
+        **SHAPES[shape],
         "bos_token_id": 0,
         "eos_token_id": 2,
         "pad_token_id": 0,
@@ -82,6 +105,11 @@ def build_tiny_model(dest: Path, arch: str = "llama", *, seed: int = 0) -> Path:
     config = configs[arch](**common)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    if never_eos:
+        with torch.no_grad():
+            model.get_output_embeddings().weight[2].zero_()
+    if shape != "tiny":
+        model = model.to(torch.bfloat16)  # as real checkpoints ship; a cuda worker keeps the file's dtype
     model.save_pretrained(dest, safe_serialization=True)
     gen = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 0}
     (dest / "generation_config.json").write_text(json.dumps(gen))
