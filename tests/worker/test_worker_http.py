@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
+from rbees.protocol import SSEParser
 from tests.worker.helpers import EventStream, Worker, execute, request, run_worker, terminal, text_of
 
 SLOTS = 2
@@ -75,6 +80,29 @@ def test_stream_is_started_tokens_end_in_exact_sse_framing(worker: Worker) -> No
     assert end["type"] == "end" and end["stop_reason"] == "MAX_TOKENS"
     assert end["tokens_out"] == 8 and end["tokens_in"] == started["tokens_in"]
     assert isinstance(end["decode_time_ms"], int)
+
+
+def test_a_slow_reader_and_a_kept_alive_connection_get_whole_streams(worker: Worker) -> None:
+    """Tokens are written to the socket by the decode thread: a client that reads nothing for a
+    while, then everything, gets every frame in order, and the connection serves the next job."""
+    parts = urlsplit(worker.url)
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
+    conn.connect()
+    assert conn.sock is not None
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    try:
+        for n in range(2):
+            body = {"job_id": f"slow-{n}", "prompt": "Once upon a time", "max_tokens": LONG, "temperature": 0}
+            conn.request("POST", "/execute", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            time.sleep(0.5)  # the job runs on while nothing is read
+            events = [json.loads(m.data) for m in SSEParser().feed(resp.read())]
+            tokens = [e for e in events if e["type"] == "token"]
+            assert events[0]["type"] == "started"
+            assert [t["i"] for t in tokens] == list(range(len(tokens)))
+            assert terminal(events)["tokens_out"] == LONG
+    finally:
+        conn.close()
 
 
 def test_every_sampling_parameter_is_honoured_and_seeded(worker: Worker) -> None:

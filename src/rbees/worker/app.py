@@ -23,6 +23,7 @@ from rbees.httpd import (
     MAX_BODY_BYTES,
     EventStreamResponse,
     Headers,
+    LastFrame,
     install_error_handlers,
     invalid_request,
     read_body,
@@ -30,9 +31,10 @@ from rbees.httpd import (
 )
 from rbees.protocol import CancelRequest, ErrorCode, ExecuteRequest, RbeesError
 from rbees.worker.auth import check_bearer
+from rbees.worker.direct import Raw
 from rbees.worker.engines.base import EngineLoader
 from rbees.worker.jobs import Job
-from rbees.worker.runtime import WorkerRuntime
+from rbees.worker.runtime import JobStream, WorkerRuntime
 from rbees.worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -67,11 +69,16 @@ async def execute_asgi(runtime: WorkerRuntime, scope: Scope, receive: Receive, s
 
 
 class JobStreamResponse(EventStreamResponse):
-    """A job's events; a stream that ends early (client gone, server stopping) cancels the job."""
+    """A job's events; a stream that ends early (client gone, server stopping) cancels the job.
 
-    def __init__(self, job: Job, frames: AsyncIterator[bytes]) -> None:
-        super().__init__(frames, on_disconnect=job.cancel.set)
+    After the headers and the ``started`` frame, the decode thread may write token frames to the
+    socket itself (``JobStream.sink``); what it leaves to the loop comes through ``frames()``.
+    """
+
+    def __init__(self, job: Job, stream: JobStream) -> None:
+        super().__init__(stream.frames(), on_disconnect=job.cancel.set)
         self.job = job
+        self.stream = stream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -79,10 +86,26 @@ class JobStreamResponse(EventStreamResponse):
         finally:
             self.job.cancel.set()  # a no-op for a job that already ended
 
+    async def _stream(self, send: Send) -> None:
+        sink = self.stream.sink
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.stream.first, "more_body": True})
+        sink.start(send)
+        async for frame in self._frames:
+            if isinstance(frame, Raw):  # the rest of a direct write, already chunked
+                assert sink.transport is not None
+                sink.transport.write(frame)
+            elif isinstance(frame, LastFrame):  # end the response in the same write
+                await send({"type": "http.response.body", "body": frame, "more_body": False})
+                return
+            else:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
 
 async def _start(runtime: WorkerRuntime, request: ExecuteRequest) -> JobStreamResponse:
-    job, frames = await runtime.start_job(request)
-    return JobStreamResponse(job, frames)
+    job, stream = await runtime.start_job(request)
+    return JobStreamResponse(job, stream)
 
 
 def create_app(

@@ -1,9 +1,10 @@
 """The worker's state and domain logic: loading, admission, running jobs, cancel, drain.
 
 Everything here runs on the event loop except the model load (one background thread) and the
-decoding (one decode thread that takes turns among the running jobs, ``DecodeLoop``). The decode
-thread hands each SSE frame to the loop with a single ``call_soon_threadsafe`` into the job's
-queue; that is the only per-token hop.
+decoding (one decode thread that takes turns among the running jobs, ``DecodeLoop``). Once a job's
+response has started, the decode thread writes its token frames to the client's socket itself
+(``FrameSink``); the terminal frame, and any frame that cannot go out at once, go through the job's
+queue to the loop.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from rbees.protocol import (
 from rbees.protocol.events import Event, is_terminal
 from rbees.worker.callback import send_ready
 from rbees.worker.decoder import DecodeLoop
+from rbees.worker.direct import FrameSink, Item, Raw
 from rbees.worker.engines.base import Engine, EngineLoader, PromptError
 from rbees.worker.jobs import Generation, Job
 from rbees.worker.settings import WorkerSettings
@@ -143,8 +145,8 @@ class WorkerRuntime:
             raise RbeesError(ErrorCode.WORKER_FAILED, f"the model failed to load: {self.error}")
         return self.engine
 
-    async def start_job(self, request: ExecuteRequest) -> tuple[Job, AsyncIterator[bytes]]:
-        """Admit ``request``, start its decode loop; return the job and its SSE byte stream."""
+    async def start_job(self, request: ExecuteRequest) -> tuple[Job, JobStream]:
+        """Admit ``request``, start its decoding; return the job and its SSE stream."""
         engine = self._ready_engine()
         cancel = self.slots.reserve(request.job_id)
         try:
@@ -177,10 +179,12 @@ class WorkerRuntime:
             worker_id=self.settings.worker_id,
         )
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        sink = FrameSink(loop, queue, on_broken=cancel.set)
         ended = Flag()
 
-        def finish(last: bytes | None) -> None:
+        def finish(last: bytes | None) -> None:  # in the loop, once the decode thread is done
+            sink.close()
             # Free the slot before the client can see the terminal event, so a client that
             # sends its next request as soon as this one ends never finds the slot still taken.
             self.slots.release(job.job_id, cancel)
@@ -188,13 +192,13 @@ class WorkerRuntime:
                 queue.put_nowait(LastFrame(last))
             queue.put_nowait(None)
 
-        def emit(event: Event) -> None:
+        def emit(event: Event) -> None:  # in the decode thread
             frame = encode_sse(event)
             if is_terminal(event):
                 ended.set()
                 loop.call_soon_threadsafe(finish, frame)
             else:
-                loop.call_soon_threadsafe(queue.put_nowait, frame)
+                sink.put(frame)
 
         def exited() -> None:  # in the decode thread, after the job's last step
             if not ended.is_set():
@@ -202,7 +206,7 @@ class WorkerRuntime:
                     loop.call_soon_threadsafe(finish, None)
 
         self._decoder.submit(Generation(engine, job, emit), exited)
-        return job, _frames(encode_sse(started), queue)
+        return job, JobStream(encode_sse(started), queue, sink)
 
     def cancel(self, job_id: str) -> bool:
         """Ask a running job to stop at its next decode step; False if no such job runs."""
@@ -239,22 +243,38 @@ def _prompt_chars(request: ExecuteRequest) -> int:
     return sum(len(m.content) for m in request.messages or ())
 
 
-async def _frames(first: bytes, queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
-    """The SSE frames of one job; frames that queued up meanwhile go out in one write, and the
-    terminal event (a ``LastFrame``) ends the response in the same write."""
-    yield first
-    while True:
-        chunk = await queue.get()
-        parts: list[bytes] = []
-        while chunk is not None:
-            parts.append(chunk)
-            if isinstance(chunk, LastFrame):
-                yield LastFrame(b"".join(parts))
+class JobStream:
+    """One job's SSE frames for its response: the ``started`` frame, then whatever the decode thread
+    left to the loop (``frames()``); ``sink`` takes the token frames over once the response started."""
+
+    def __init__(self, first: bytes, queue: asyncio.Queue[Item], sink: FrameSink) -> None:
+        self.first = first
+        self.sink = sink
+        self._queue = queue
+
+    async def frames(self) -> AsyncIterator[bytes]:
+        """Frames that queued up meanwhile go out in one write; a ``Raw`` piece (already framed for
+        the wire) comes alone; the terminal event (a ``LastFrame``) ends the response."""
+        queue = self._queue
+        while True:
+            item = await queue.get()
+            parts: list[bytes] = []
+            while item is not None:
+                if isinstance(item, Raw):
+                    if parts:
+                        yield b"".join(parts)
+                        parts = []
+                    yield item
+                elif isinstance(item, LastFrame):
+                    parts.append(item)
+                    yield LastFrame(b"".join(parts))
+                    return
+                else:
+                    parts.append(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            if parts:
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
+            if item is None:
                 return
-            if queue.empty():
-                break
-            chunk = queue.get_nowait()
-        if parts:
-            yield parts[0] if len(parts) == 1 else b"".join(parts)
-        if chunk is None:
-            return

@@ -1,0 +1,187 @@
+"""Token frames written by the decode thread straight to the client's socket.
+
+Handing each token to the event loop costs a wake-up of the loop thread, a GIL hand-off and the
+whole ASGI send path: on a small model about as much CPU as the decode step itself, and a loop
+thread that is preempted while it holds the GIL stalls the decoding. So once a job's response
+headers and ``started`` frame are out, the decode thread writes each token's HTTP chunk itself,
+with one non-blocking ``os.write`` (the GIL released meanwhile) on a duplicate of the socket's file
+descriptor (a duplicate, so that the descriptor cannot be closed and reused under it).
+
+The loop stays the writer whenever that is not safe: before the headers are out (frames wait in a
+list), when the server is not uvicorn answering with chunked encoding, when the socket would block
+(the unwritten rest and every later frame go to the loop, for good), and always for the terminal
+event, so the worker frees the job's slot before the client can see the job end.
+
+    sink = FrameSink(loop, queue, on_broken=job.cancel.set)
+    sink.put(frame)           # decode thread: a token frame
+    sink.start(send)          # loop: after the headers and the first frame went out
+    sink.close()              # loop: once the decode thread is done with the job
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from rbees.httpd import LastFrame
+
+
+class Raw(bytes):
+    """Bytes already framed as HTTP chunks: the unwritten rest of a direct write."""
+
+
+Item = bytes | LastFrame | Raw | None
+
+
+class _Mode(enum.Enum):
+    BUFFER = "buffer"  # the response has not started: frames wait
+    DIRECT = "direct"  # the decode thread writes to the socket
+    LOOP = "loop"  # the event loop writes (the queue)
+    CLOSED = "closed"  # the job is over or its client is gone: frames are dropped
+
+
+_START_TRIES = 3  # loop turns to wait for the transport's own buffer to drain before direct writes
+
+
+def chunk(frame: bytes) -> bytes:
+    """``frame`` as one HTTP/1.1 chunk."""
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+class Transport(Protocol):
+    """What is used of the connection's transport (asyncio's, or uvloop's, which is no subclass)."""
+
+    def write(self, data: bytes) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def is_closing(self) -> bool: ...
+    def get_extra_info(self, name: str) -> Any: ...
+
+
+def raw_transport(send: Callable[..., Any]) -> Transport | None:
+    """The connection's transport when ``send`` is uvicorn's and its response is chunked, else None.
+
+    uvicorn keeps the transport and the response's framing on the object whose bound method
+    ``send`` is; another server, or a response that is not chunked, gets no direct writes.
+    """
+    cycle = getattr(send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if getattr(cycle, "chunked_encoding", None) is not True:
+        return None
+    if not all(callable(getattr(transport, name, None)) for name in _TRANSPORT_METHODS):
+        return None
+    return cast(Transport, transport)
+
+
+_TRANSPORT_METHODS = ("write", "get_write_buffer_size", "is_closing", "get_extra_info")
+
+
+class FrameSink:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[Item],
+        on_broken: Callable[[], None],
+    ) -> None:
+        self._loop = loop
+        self._queue = queue
+        self._on_broken = on_broken
+        self._lock = threading.Lock()
+        self._mode = _Mode.BUFFER
+        self._pending: list[bytes] = []
+        self._fd = -1
+        self.transport: Transport | None = None
+
+    @property
+    def direct(self) -> bool:
+        return self._mode is _Mode.DIRECT
+
+    def put(self, frame: bytes) -> None:
+        """A token frame, from the decode thread."""
+        with self._lock:
+            mode = self._mode
+            if mode is _Mode.DIRECT:
+                self._write(chunk(frame))
+            elif mode is _Mode.LOOP:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, frame)
+            elif mode is _Mode.BUFFER:
+                self._pending.append(frame)
+
+    def _write(self, data: bytes) -> None:
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the client is gone: stop the job, drop what comes
+            self._mode = _Mode.CLOSED
+            self._on_broken()
+            return
+        if written < len(data):  # the socket is full: the loop buffers the rest and all that follows
+            self._mode = _Mode.LOOP
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, Raw(data[written:]))
+
+    def start(self, send: Callable[..., Any]) -> None:
+        """In the loop, once the headers and the first frame were sent: let the decode thread write
+        from now on, or leave every frame to the loop where that is not safe."""
+        self.transport = raw_transport(send)
+        self._try_direct(_START_TRIES)
+
+    def _try_direct(self, tries: int) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._to_loop()
+            return
+        if transport.get_write_buffer_size():
+            # uvloop flushes its writes at the end of a loop turn; direct writes must not overtake them
+            if tries > 0:
+                self._loop.call_soon(self._try_direct, tries - 1)
+            else:
+                self._to_loop()
+            return
+        fd = _dup_socket(transport)
+        if fd < 0:
+            self._to_loop()
+            return
+        with self._lock:
+            if self._mode is not _Mode.BUFFER:
+                _close(fd)
+                return
+            self._fd = fd
+            self._mode = _Mode.DIRECT
+            pending, self._pending = self._pending, []
+            if pending:
+                self._write(b"".join(chunk(frame) for frame in pending))
+
+    def _to_loop(self) -> None:
+        with self._lock:
+            if self._mode is _Mode.BUFFER:
+                for frame in self._pending:
+                    self._queue.put_nowait(frame)
+                self._pending = []
+                self._mode = _Mode.LOOP
+
+    def close(self) -> None:
+        """In the loop, once the decode thread is done with the job: no more writes, fd closed."""
+        self._to_loop()  # frames still waiting for the response to start go to the queue
+        with self._lock:
+            self._mode = _Mode.CLOSED
+            _close(self._fd)
+            self._fd = -1
+
+
+def _dup_socket(transport: Transport) -> int:
+    if transport.is_closing():
+        return -1
+    sock = transport.get_extra_info("socket")
+    try:
+        return os.dup(sock.fileno()) if sock is not None else -1
+    except (OSError, ValueError):
+        return -1
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        os.close(fd)
