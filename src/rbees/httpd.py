@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Protocol, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -217,6 +217,9 @@ class EventStreamResponse(Response):
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await self._send_frames(send)
+
+    async def _send_frames(self, send: Send) -> None:
         async for frame in self._frames:
             if isinstance(frame, LastFrame):  # end the response in the same write
                 await send({"type": "http.response.body", "body": frame, "more_body": False})
@@ -230,3 +233,38 @@ async def _wait_disconnect(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+# --- writing to the connection without the ASGI send path ------------------------------------------
+
+
+def chunk(frame: bytes) -> bytes:
+    """``frame`` as one HTTP/1.1 chunk."""
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+class Transport(Protocol):
+    """What is used of the connection's transport (asyncio's, or uvloop's, which is no subclass)."""
+
+    def write(self, data: bytes) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def is_closing(self) -> bool: ...
+    def get_extra_info(self, name: str) -> Any: ...
+
+
+def raw_transport(send: Callable[..., Any]) -> Transport | None:
+    """The connection's transport when ``send`` is uvicorn's and its response is chunked, else None.
+
+    uvicorn keeps the transport and the response's framing on the object whose bound method
+    ``send`` is; another server, or a response that is not chunked, gets no direct writes.
+    """
+    cycle = getattr(send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if getattr(cycle, "chunked_encoding", None) is not True:
+        return None
+    if not all(callable(getattr(transport, name, None)) for name in _TRANSPORT_METHODS):
+        return None
+    return cast(Transport, transport)
+
+
+_TRANSPORT_METHODS = ("write", "get_write_buffer_size", "is_closing", "get_extra_info")

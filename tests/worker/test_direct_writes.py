@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from rbees.worker.direct import FrameSink, Item, Raw, chunk, raw_transport
+from rbees.httpd import chunk, raw_transport
+from rbees.worker.direct import FrameSink, Item, Raw
 
 
 @dataclass

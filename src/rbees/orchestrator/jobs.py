@@ -62,6 +62,10 @@ def dumps(value: dict[str, Any]) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+# Takes an event as it is appended; False: it did not, and wants no more.
+Pusher = Callable[["JobEvent"], bool]
+
+
 def sse_frame(event_id: int, data: str) -> bytes:
     return b"id: %d\ndata: %s\n\n" % (event_id, data.encode())
 
@@ -77,6 +81,7 @@ class EventLog:
         self.events: list[JobEvent] = []
         self.closed = False
         self._waiters: list[asyncio.Future[None]] = []
+        self._pushers: list[Pusher] = []
 
     def append(self, event_type: str, data: str) -> JobEvent | None:
         if self.closed:
@@ -85,12 +90,25 @@ class EventLog:
         event = JobEvent(event_id, event_type, data, sse_frame(event_id, data))
         self.events.append(event)
         self.closed = event_type in TERMINAL_TYPES
+        if self._pushers:
+            self._pushers = [push for push in self._pushers if push(event)]
         if self._waiters:
             waiters, self._waiters = self._waiters, []
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
         return event
+
+    def push_to(self, push: Pusher) -> Callable[[], None]:
+        """Hand every event appended from now on to ``push`` as it is appended, until it returns
+        False (it did not take that event) or the returned function detaches it."""
+        self._pushers.append(push)
+
+        def detach() -> None:
+            if push in self._pushers:
+                self._pushers.remove(push)
+
+        return detach
 
     def _wait(self) -> asyncio.Future[None]:
         """A future of the calling reader's own, resolved by the next append."""

@@ -10,13 +10,8 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from rbees.httpd import (
-    MAX_BODY_BYTES,
-    EventStreamResponse,
-    Headers,
-    read_body,
-    serve_asgi,
-)
+from rbees.httpd import MAX_BODY_BYTES, Headers, read_body, serve_asgi
+from rbees.orchestrator.event_stream import JobEventsResponse
 from rbees.orchestrator.http import check_bearer, parse_body, require_client, service
 from rbees.orchestrator.jobs import TaskInfo
 from rbees.orchestrator.service import JobService
@@ -59,9 +54,7 @@ def _submitted(svc: JobService, body: bytes, stream: bool) -> Response:
         def client_gone() -> None:
             svc.cancel(job.id)
 
-        return EventStreamResponse(
-            job.log.follow_frames(), on_disconnect=client_gone, headers={"X-Job-Id": job.id}
-        )
+        return JobEventsResponse(job.log, on_disconnect=client_gone, headers={"X-Job-Id": job.id})
     accepted = TaskAccepted(
         job_id=job.id,
         status=job.state.value,
@@ -113,7 +106,7 @@ async def task_events(
     last: Annotated[int | None, Query(alias="last_event_id", ge=0)] = None,
 ) -> Response:
     log = service(request).event_log(job_id)
-    return EventStreamResponse(log.follow_frames(_last_id(last_event_id, last)), headers={"X-Job-Id": job_id})
+    return JobEventsResponse(log, _last_id(last_event_id, last), headers={"X-Job-Id": job_id})
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=TaskInfo)

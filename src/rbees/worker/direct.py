@@ -25,9 +25,9 @@ import enum
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any
 
-from rbees.httpd import LastFrame
+from rbees.httpd import LastFrame, Transport, chunk, raw_transport
 
 
 class Raw(bytes):
@@ -45,38 +45,6 @@ class _Mode(enum.Enum):
 
 
 _START_TRIES = 3  # loop turns to wait for the transport's own buffer to drain before direct writes
-
-
-def chunk(frame: bytes) -> bytes:
-    """``frame`` as one HTTP/1.1 chunk."""
-    return b"%x\r\n%s\r\n" % (len(frame), frame)
-
-
-class Transport(Protocol):
-    """What is used of the connection's transport (asyncio's, or uvloop's, which is no subclass)."""
-
-    def write(self, data: bytes) -> None: ...
-    def get_write_buffer_size(self) -> int: ...
-    def is_closing(self) -> bool: ...
-    def get_extra_info(self, name: str) -> Any: ...
-
-
-def raw_transport(send: Callable[..., Any]) -> Transport | None:
-    """The connection's transport when ``send`` is uvicorn's and its response is chunked, else None.
-
-    uvicorn keeps the transport and the response's framing on the object whose bound method
-    ``send`` is; another server, or a response that is not chunked, gets no direct writes.
-    """
-    cycle = getattr(send, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    if getattr(cycle, "chunked_encoding", None) is not True:
-        return None
-    if not all(callable(getattr(transport, name, None)) for name in _TRANSPORT_METHODS):
-        return None
-    return cast(Transport, transport)
-
-
-_TRANSPORT_METHODS = ("write", "get_write_buffer_size", "is_closing", "get_extra_info")
 
 
 class FrameSink:
