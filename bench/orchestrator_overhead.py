@@ -7,7 +7,7 @@ two loads: ``burst`` (every stream submits at the same instant: the worst case f
 so new jobs arrive while the others decode: what N concurrent users look like).
 
     # self-contained: spawns one rbees-workerd and one rbees-orcd on free ports, then stops them
-    python bench/orchestrator_overhead.py --spawn-model PATH [--slots 16] [--rounds 10]
+    python bench/orchestrator_overhead.py --spawn-model PATH [--slots 16] [--rounds 20]
 
     # against running daemons
     python bench/orchestrator_overhead.py --worker http://127.0.0.1:8001 \
@@ -387,7 +387,8 @@ def main() -> int:
     ap.add_argument("--api-token")
     ap.add_argument("--model", help="model name as registered with the orchestrator")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
-    ap.add_argument("--rounds", type=int, default=10)
+    # One round of one stream is a single ~0.1 s job: 10 rounds left the ratio +-10% between runs.
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument(
