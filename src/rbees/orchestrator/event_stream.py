@@ -45,12 +45,10 @@ class JobEventsResponse(EventStreamResponse):
             return
         log, index = self.log, self.last_id
         while True:
-            end = len(log.events)
-            if index < end:
-                batch = log.events[index:end]
-                index = end
-                frames = batch[0].frame if len(batch) == 1 else b"".join(e.frame for e in batch)
-                if batch[-1].terminal:
+            batch = log.frames_after(index)
+            if batch is not None:
+                frames, index, terminal = batch
+                if terminal:
                     await send({"type": "http.response.body", "body": LastFrame(frames), "more_body": False})
                     return
                 await send({"type": "http.response.body", "body": frames, "more_body": True})

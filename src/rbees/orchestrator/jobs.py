@@ -130,16 +130,24 @@ class EventLog:
                 return
             await self._wait()
 
+    def frames_after(self, index: int) -> tuple[bytes, int, bool] | None:
+        """The SSE bytes of every event after the first ``index`` in one piece, the index reached and
+        whether its last event is the terminal one; None while there are none."""
+        end = len(self.events)
+        if index >= end:
+            return None
+        batch = self.events[index:end]
+        frames = batch[0].frame if len(batch) == 1 else b"".join(e.frame for e in batch)
+        return frames, end, batch[-1].terminal
+
     async def follow_frames(self, last_id: int = 0) -> AsyncIterator[bytes]:
         """Like ``follow`` but as SSE bytes, with every event already waiting sent in one piece."""
         index = max(0, last_id)
         while True:
-            end = len(self.events)
-            if index < end:
-                batch = self.events[index:end]
-                index = end
-                frames = batch[0].frame if len(batch) == 1 else b"".join(e.frame for e in batch)
-                if batch[-1].terminal:
+            batch = self.frames_after(index)
+            if batch is not None:
+                frames, index, terminal = batch
+                if terminal:
                     yield LastFrame(frames)
                     return
                 yield frames
