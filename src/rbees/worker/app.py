@@ -23,7 +23,6 @@ from rbees.httpd import (
     MAX_BODY_BYTES,
     EventStreamResponse,
     Headers,
-    LastFrame,
     install_error_handlers,
     invalid_request,
     read_body,
@@ -31,7 +30,6 @@ from rbees.httpd import (
 )
 from rbees.protocol import CancelRequest, ErrorCode, ExecuteRequest, RbeesError
 from rbees.worker.auth import check_bearer
-from rbees.worker.direct import Raw
 from rbees.worker.engines.base import EngineLoader
 from rbees.worker.jobs import Job
 from rbees.worker.runtime import JobStream, WorkerRuntime
@@ -87,20 +85,10 @@ class JobStreamResponse(EventStreamResponse):
             self.job.cancel.set()  # a no-op for a job that already ended
 
     async def _stream(self, send: Send) -> None:
-        sink = self.stream.sink
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         await send({"type": "http.response.body", "body": self.stream.first, "more_body": True})
-        sink.start(send)
-        async for frame in self._frames:
-            if isinstance(frame, Raw):  # the rest of a direct write, already chunked
-                assert sink.transport is not None
-                sink.transport.write(frame)
-            elif isinstance(frame, LastFrame):  # end the response in the same write
-                await send({"type": "http.response.body", "body": frame, "more_body": False})
-                return
-            else:
-                await send({"type": "http.response.body", "body": frame, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.stream.sink.start(send)  # from here on the decode thread may write the tokens itself
+        await self._send_frames(send)
 
 
 async def _start(runtime: WorkerRuntime, request: ExecuteRequest) -> JobStreamResponse:

@@ -29,12 +29,7 @@ from typing import Any
 
 from rbees.httpd import LastFrame, Transport, chunk, raw_transport
 
-
-class Raw(bytes):
-    """Bytes already framed as HTTP chunks: the unwritten rest of a direct write."""
-
-
-Item = bytes | LastFrame | Raw | None
+Item = bytes | LastFrame | None
 
 
 class _Mode(enum.Enum):
@@ -89,7 +84,10 @@ class FrameSink:
             return
         if written < len(data):  # the socket is full: the loop buffers the rest and all that follows
             self._mode = _Mode.LOOP
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, Raw(data[written:]))
+            # Written by the loop in this callback, before any later frame's hand-off callback runs
+            # (and so before the response task can send that frame): the order holds.
+            assert self.transport is not None
+            self._loop.call_soon_threadsafe(self.transport.write, data[written:])
 
     def start(self, send: Callable[..., Any]) -> None:
         """In the loop, once the headers and the first frame were sent: let the decode thread write

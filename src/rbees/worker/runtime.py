@@ -33,7 +33,7 @@ from rbees.protocol import (
 from rbees.protocol.events import Event, is_terminal
 from rbees.worker.callback import send_ready
 from rbees.worker.decoder import DecodeLoop
-from rbees.worker.direct import FrameSink, Item, Raw
+from rbees.worker.direct import FrameSink, Item
 from rbees.worker.engines.base import Engine, EngineLoader, PromptError
 from rbees.worker.jobs import Generation, Job
 from rbees.worker.settings import WorkerSettings
@@ -253,24 +253,17 @@ class JobStream:
         self._queue = queue
 
     async def frames(self) -> AsyncIterator[bytes]:
-        """Frames that queued up meanwhile go out in one write; a ``Raw`` piece (already framed for
-        the wire) comes alone; the terminal event (a ``LastFrame``) ends the response."""
+        """Frames that queued up meanwhile go out in one write; the terminal event (a ``LastFrame``)
+        ends the response in the same write."""
         queue = self._queue
         while True:
             item = await queue.get()
             parts: list[bytes] = []
             while item is not None:
-                if isinstance(item, Raw):
-                    if parts:
-                        yield b"".join(parts)
-                        parts = []
-                    yield item
-                elif isinstance(item, LastFrame):
-                    parts.append(item)
+                parts.append(item)
+                if isinstance(item, LastFrame):
                     yield LastFrame(b"".join(parts))
                     return
-                else:
-                    parts.append(item)
                 if queue.empty():
                     break
                 item = queue.get_nowait()
