@@ -14,6 +14,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
 from rbees import __version__
+from rbees.heap import freeze_startup_heap
 from rbees.httpd import install_error_handlers
 from rbees.orchestrator import routes_tasks, routes_workers
 from rbees.orchestrator.http import require_client, service
@@ -40,6 +41,7 @@ def create_app(settings: OrchestratorSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = await JobService.open(settings)
+        freeze_startup_heap()  # what is loaded now stays: later full GC passes walk only the jobs
         try:
             yield
         finally:

@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+from rbees.heap import freeze_startup_heap
 from rbees.httpd import LastFrame
 from rbees.protocol import (
     Backend,
@@ -83,6 +84,9 @@ class WorkerRuntime:
         threading.Thread(target=load, name="rbees-load", daemon=True).start()
 
     def _on_loaded(self, engine: Engine) -> None:
+        # The model and the libraries stay loaded: later full GC passes (which hold the GIL, so
+        # they stall the decode thread too) walk only what the jobs allocate.
+        freeze_startup_heap()
         self.engine = engine
         if self.status is WorkerStatus.LOADING:
             self.status = WorkerStatus.HEALTHY
