@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from collections.abc import Generator, Sequence
+
+import pytest
 
 from rbees.protocol import EndEvent, ErrorEvent, ExecuteRequest, SamplingParams, StopReason, TokenEvent
 from rbees.protocol.events import Event
@@ -162,3 +166,31 @@ def test_stop_abandons_running_jobs_and_frees_their_caches() -> None:
     loop.stop()
     assert sink.exits == 1 and slow.closed
     assert not any(isinstance(e, EndEvent | ErrorEvent) for e in sink.events)
+
+
+def _nice_of_this_thread() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize("nice", [0, 3])
+def test_the_decode_thread_runs_nice_steps_below_its_process(nice: int) -> None:
+    seen: list[int] = []
+
+    class Noting(ScriptedEngine):
+        def generate(
+            self, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+        ) -> Generator[int, None, None]:
+            seen.append(_nice_of_this_thread())
+            yield 1
+
+    base = _nice_of_this_thread()
+    loop = DecodeLoop(nice=nice)
+    sink = Sink()
+    try:
+        loop.submit(_generation(Noting([]), 1, 1, sink), sink.exited)
+        assert sink.done.wait(10)
+    finally:
+        loop.stop()
+    assert seen == [min(19, base + nice)]
+    assert _nice_of_this_thread() == base  # the submitting thread keeps its own

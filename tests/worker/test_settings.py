@@ -18,6 +18,8 @@ def test_defaults_and_environment() -> None:
     assert (s.token, s.callback_token) == ("tok", "cb")
     assert s.cache_dir == Path("/srv/rbees/cache")
     assert s.uri == "http://127.0.0.1:8001" and s.binds_loopback
+    assert s.decode_nice == 5
+    assert settings_from_args([*BASE, "--decode-nice", "0"], {}).decode_nice == 0
 
 
 def test_flags_win_over_environment_and_no_cache() -> None:
@@ -34,7 +36,14 @@ def test_callback_urls_repeat_and_advertise_url_is_the_uri() -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [["--slots", "0"], ["--worker-id", "bad id"], ["--callback-url", "ftp://x"], ["--port", "70000"]],
+    [
+        ["--slots", "0"],
+        ["--worker-id", "bad id"],
+        ["--callback-url", "ftp://x"],
+        ["--port", "70000"],
+        ["--decode-nice", "-1"],
+        ["--decode-nice", "20"],
+    ],
 )
 def test_invalid_values_are_refused(extra: list[str]) -> None:
     with pytest.raises(ValueError):

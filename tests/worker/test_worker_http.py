@@ -82,6 +82,24 @@ def test_stream_is_started_tokens_end_in_exact_sse_framing(worker: Worker) -> No
     assert isinstance(end["decode_time_ms"], int)
 
 
+def _thread_nices(pid: int) -> dict[int, int]:
+    """Each thread's nice value, from /proc (field 19 of ``stat``, counted after the command name)."""
+    nices = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        fields = (task / "stat").read_text().rpartition(")")[2].split()
+        nices[int(task.name)] = int(fields[16])
+    return nices
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_the_decode_thread_runs_below_the_event_loop(worker: Worker) -> None:
+    with EventStream(worker, {"job_id": "nice-1", "prompt": "Hi", "max_tokens": 2}) as s:
+        assert terminal(list(s))["type"] == "end"
+    nices = _thread_nices(worker.proc.pid)
+    assert nices[worker.proc.pid] == 0  # the main thread runs the event loop
+    assert sorted(nices.values()).count(5) >= 1, nices  # the decode thread: --decode-nice 5
+
+
 def test_a_slow_reader_and_a_kept_alive_connection_get_whole_streams(worker: Worker) -> None:
     """Tokens are written to the socket by the decode thread: a client that reads nothing for a
     while, then everything, gets every frame in order, and the connection serves the next job."""

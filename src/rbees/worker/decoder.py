@@ -5,7 +5,13 @@ One thread instead of one per slot: on a CPU, slot threads fight over the GIL an
 device anyway. A new job gets its first step (prompt prefill and first token) before the running
 ones take their next turn, so a job's time to first token does not wait for a whole rotation.
 
-    loop = DecodeLoop()
+The thread runs ``nice`` steps below the worker's other threads (Linux, where each thread has its
+own nice value): when the event loop wakes up to admit a request or write a token, the kernel gives
+it the CPU at once instead of letting it wait behind the decoding, which keeps every idle cycle.
+On a host shared with an orchestrator and clients (a home lab's one box) their latency no longer
+depends on when the decode thread is next preempted.
+
+    loop = DecodeLoop(nice=5)
     loop.submit(generation, on_exit)   # from any thread; on_exit runs (in the decode thread)
     ...                                # once the generation is over, however it ended
     loop.stop()                        # abandons what is still running, frees its KV caches
@@ -14,7 +20,9 @@ ones take their next turn, so a job's time to first token does not wait for a wh
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,8 +36,9 @@ _Entry = tuple[Generation, OnExit]
 
 
 class DecodeLoop:
-    def __init__(self, name: str = "rbees-decode") -> None:
+    def __init__(self, name: str = "rbees-decode", nice: int = 0) -> None:
         self._name = name
+        self._nice = nice
         self._incoming: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -50,6 +59,7 @@ class DecodeLoop:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        lower_thread_priority(self._nice)
         active: deque[_Entry] = deque()
         try:
             while True:
@@ -87,6 +97,18 @@ class DecodeLoop:
             active.append(entry)
         else:
             _call(on_exit)
+
+
+def lower_thread_priority(steps: int) -> None:
+    """Make the calling thread ``steps`` nice values nicer (lower priority) than it is; Linux only
+    (elsewhere nice is per process). Lowering one's own priority needs no privilege."""
+    if steps <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + steps))
+    except OSError as exc:  # e.g. a seccomp profile that forbids it: decoding works all the same
+        log.warning("cannot lower the decode thread's priority: %s", exc)
 
 
 def _call(on_exit: OnExit) -> None:

@@ -39,6 +39,7 @@ class WorkerSettings(BaseModel):
     slots: int = Field(default=1, ge=1, le=1024)
     token: str | None = None
     threads: int | None = Field(default=None, ge=1, le=1024)
+    decode_nice: int = Field(default=5, ge=0, le=19)
     drain_timeout_s: float = Field(default=10.0, ge=0, le=3600)
     cache_dir: Path | None = None
 
@@ -90,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", help=f"bearer token required on /execute and /cancel (env {TOKEN_ENV})")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument(
+        "--decode-nice",
+        type=int,
+        default=5,
+        help="how many nice steps below the worker's event loop the decode thread runs (Linux; "
+        "0: the same), so admitting requests and writing tokens never wait behind decoding (default 5)",
+    )
+    p.add_argument(
         "--drain-timeout", type=float, default=10.0, help="seconds running jobs get to finish on SIGTERM"
     )
     p.add_argument(
@@ -119,6 +127,7 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str] = 
         slots=args.slots,
         token=args.token or environ.get(TOKEN_ENV) or None,
         threads=args.threads,
+        decode_nice=args.decode_nice,
         drain_timeout_s=args.drain_timeout,
         cache_dir=cache_dir,
     )
