@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 from collections.abc import Generator, Sequence
 
 import pytest
@@ -194,3 +195,56 @@ def test_the_decode_thread_runs_nice_steps_below_its_process(nice: int) -> None:
         loop.stop()
     assert seen == [min(19, base + nice)]
     assert _nice_of_this_thread() == base  # the submitting thread keeps its own
+
+
+def _grows(trace: list[int], within_s: float) -> bool:
+    before = len(trace)
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if len(trace) > before:
+            return True
+        threading.Event().wait(0.001)
+    return False
+
+
+def test_steps_wait_while_a_request_is_admitted_and_the_newcomer_goes_first() -> None:
+    trace: list[int] = []
+    engine = RecordingEngine(trace)
+    loop = DecodeLoop(admission_wait_s=30)
+    running, newcomer = Sink(), Sink()
+    endless = _generation(engine, 0, 32768, running)
+    try:
+        loop.submit(endless, running.exited)
+        assert _grows(trace, 10)
+        with loop.admitting():
+            _grows(trace, 0.05)  # the step under way (if any) ends; then no further one starts
+            held_at = len(trace)
+            assert not _grows(trace, 0.3)
+            loop.submit(_generation(engine, 7, 1, newcomer), newcomer.exited)
+            assert not _grows(trace, 0.1)  # admitted, but the admission is not over yet
+        assert newcomer.done.wait(10)
+        assert trace[held_at] == 7  # once it is over, the newcomer's first step comes first
+        assert _grows(trace, 10)  # and the running job goes on
+        endless.job.cancel.set()
+        assert running.done.wait(10)
+    finally:
+        loop.stop()
+
+
+def test_an_admission_that_does_not_end_holds_steps_back_only_for_a_while() -> None:
+    trace: list[int] = []
+    engine = RecordingEngine(trace)
+    loop = DecodeLoop(admission_wait_s=0.02)
+    sink = Sink()
+    endless = _generation(engine, 0, 32768, sink)
+    try:
+        loop.submit(endless, sink.exited)
+        assert _grows(trace, 10)
+        with loop.admitting():
+            start = len(trace)
+            threading.Event().wait(0.5)
+            assert len(trace) - start >= 3  # a step at least every 20 ms wait, not a stall
+        endless.job.cancel.set()
+        assert sink.done.wait(10)
+    finally:
+        loop.stop()

@@ -60,8 +60,9 @@ async def execute_asgi(runtime: WorkerRuntime, scope: Scope, receive: Receive, s
         auth = headers.get(b"authorization")
         check_bearer(runtime.settings.token, auth.decode("latin-1") if auth is not None else None)
         _check_declared_size(headers.get(b"content-length", b"").decode("latin-1"))
-        request = _parse(await read_body(receive, MAX_BODY_BYTES), ExecuteRequest)
-        return await _start(runtime, request)
+        with runtime.admitting():
+            request = _parse(await read_body(receive, MAX_BODY_BYTES), ExecuteRequest)
+            return await _start(runtime, request)
 
     await serve_asgi("POST /execute", scope, receive, send, respond)
 
@@ -120,8 +121,9 @@ def create_app(
     async def execute(request: Request) -> Response:
         check_bearer(settings.token, request.headers.get("authorization"))
         _check_declared_size(request.headers.get("content-length", ""))
-        body = _parse(await _read_request(request), ExecuteRequest)
-        return await _start(runtime, body)
+        with runtime.admitting():
+            body = _parse(await _read_request(request), ExecuteRequest)
+            return await _start(runtime, body)
 
     @app.post("/cancel", status_code=202)
     async def cancel(request: Request) -> Response:

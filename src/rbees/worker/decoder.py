@@ -4,6 +4,9 @@ One thread instead of one per slot: on a CPU, slot threads fight over the GIL an
 (sixteen of them ran at a third of one job's tokens/s); on a GPU they would queue on the same
 device anyway. A new job gets its first step (prompt prefill and first token) before the running
 ones take their next turn, so a job's time to first token does not wait for a whole rotation.
+While the event loop admits a request (``admitting()``), the running jobs' next step waits for it
+(a few milliseconds at most): in a burst, requests arriving one by one otherwise each started a
+tug of war over the GIL with a decode step, which then took 10-15 ms instead of 2.5.
 
 The thread runs ``nice`` steps below the worker's other threads (Linux, where each thread has its
 own nice value): when the event loop wakes up to admit a request or write a token, the kernel gives
@@ -12,36 +15,61 @@ On a host shared with an orchestrator and clients (a home lab's one box) their l
 depends on when the decode thread is next preempted.
 
     loop = DecodeLoop(nice=5)
-    loop.submit(generation, on_exit)   # from any thread; on_exit runs (in the decode thread)
+    with loop.admitting():             # on the event loop, around parsing and admitting a request
+        loop.submit(generation, on_exit)   # from any thread; on_exit runs (in the decode thread)
     ...                                # once the generation is over, however it ended
     loop.stop()                        # abandons what is still running, frees its KV caches
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from rbees.worker.jobs import Generation
 
 log = logging.getLogger(__name__)
+
+# The longest a step of the running jobs waits for requests being admitted (one takes ~0.3 ms).
+ADMISSION_WAIT_S = 0.005
 
 OnExit = Callable[[], None]
 _Entry = tuple[Generation, OnExit]
 
 
 class DecodeLoop:
-    def __init__(self, name: str = "rbees-decode", nice: int = 0) -> None:
+    def __init__(
+        self, name: str = "rbees-decode", nice: int = 0, admission_wait_s: float = ADMISSION_WAIT_S
+    ) -> None:
         self._name = name
         self._nice = nice
+        self._admission_wait_s = admission_wait_s
         self._incoming: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._admitting = 0  # requests the event loop is admitting now (written by the loop only)
+        self._quiet = threading.Event()  # set while it admits none
+        self._quiet.set()
+
+    @contextlib.contextmanager
+    def admitting(self) -> Iterator[None]:
+        """Around the admission of a request on the event loop: meanwhile the decode thread does not
+        start another step of the running jobs (for up to ``admission_wait_s``), so the two do not
+        fight over the GIL and the newcomer's first step comes right after."""
+        self._admitting += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._admitting -= 1
+            if not self._admitting:
+                self._quiet.set()
 
     def submit(self, generation: Generation, on_exit: OnExit) -> None:
         if self._stopped:
@@ -69,6 +97,8 @@ class DecodeLoop:
                         return
                     self._turn(entry, active)
                     continue
+                if self._admitting:
+                    self._quiet.wait(self._admission_wait_s)
                 # Newcomers first: their prefill and first token before the others' next step.
                 while True:
                     try:

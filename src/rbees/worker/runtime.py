@@ -149,6 +149,11 @@ class WorkerRuntime:
             raise RbeesError(ErrorCode.WORKER_FAILED, f"the model failed to load: {self.error}")
         return self.engine
 
+    def admitting(self) -> contextlib.AbstractContextManager[None]:
+        """Wrap the admission of a request (parsing it, ``start_job``): the decode thread waits
+        with its next step meanwhile, so a burst of requests is admitted without GIL contention."""
+        return self._decoder.admitting()
+
     async def start_job(self, request: ExecuteRequest) -> tuple[Job, JobStream]:
         """Admit ``request``, start its decoding; return the job and its SSE stream."""
         engine = self._ready_engine()
