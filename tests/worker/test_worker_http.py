@@ -96,8 +96,8 @@ def test_the_decode_thread_runs_below_the_event_loop(worker: Worker) -> None:
     with EventStream(worker, {"job_id": "nice-1", "prompt": "Hi", "max_tokens": 2}) as s:
         assert terminal(list(s))["type"] == "end"
     nices = _thread_nices(worker.proc.pid)
-    assert nices[worker.proc.pid] == 0  # the main thread runs the event loop
-    assert sorted(nices.values()).count(5) >= 1, nices  # the decode thread: --decode-nice 5
+    loop_nice = nices.pop(worker.proc.pid)  # the main thread runs the event loop
+    assert min(19, loop_nice + 5) in nices.values(), nices  # the decode thread: --decode-nice 5
 
 
 def test_a_slow_reader_and_a_kept_alive_connection_get_whole_streams(worker: Worker) -> None:
