@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -184,11 +185,20 @@ def test_client_timeout_cancels_a_waiting_job(oa: openai.OpenAI, rb: Client, ope
             rb.cancel(job_id)
 
 
-def test_a_job_cancelled_elsewhere_ends_the_stream_with_an_error(oa: openai.OpenAI, rb: Client) -> None:
+def test_a_job_cancelled_elsewhere_ends_the_stream_with_an_error(
+    oa: openai.OpenAI, rb: Client, openai_cluster: Cluster
+) -> None:
     stream = oa.chat.completions.create(model="tiny", messages=USER, max_tokens=240, stream=True)
     chunks = iter(stream)
     first = next(chunks)
-    rb.cancel(job_of(first.id))
+    # The tiny model makes 240 tokens in about half a second: hold the worker while the cancel goes
+    # out, so it lands mid-job however slow the machine is (the worker reads it once it goes on).
+    openai_cluster.worker.signal(signal.SIGSTOP)
+    try:
+        assert rb.cancel(job_of(first.id))["status"] == "running"
+        time.sleep(0.2)
+    finally:
+        openai_cluster.worker.signal(signal.SIGCONT)
     with pytest.raises(openai.APIError) as failed:
         for _ in chunks:
             pass
