@@ -248,3 +248,61 @@ def test_an_admission_that_does_not_end_holds_steps_back_only_for_a_while() -> N
         assert sink.done.wait(10)
     finally:
         loop.stop()
+
+
+class BatchingEngine(RecordingEngine):
+    """Records which jobs (by name) each batched prefill was given."""
+
+    def __init__(self, trace: list[int], gate: threading.Event) -> None:
+        super().__init__(trace, gate)
+        self.batches: list[list[int]] = []
+        self.first_step = threading.Event()  # job 0's first step is under way
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+    ) -> Generator[int, None, None]:
+        if prompt_ids[0] == 0:
+            self.first_step.set()
+        yield from super().generate(prompt_ids, params, seed)
+
+    def generate_batch(
+        self, requests: Sequence[tuple[Sequence[int], SamplingParams, int]]
+    ) -> list[Generator[int, None, None]]:
+        self.batches.append([prompt[0] for prompt, _, _ in requests])
+        return [self.generate(*r) for r in requests]
+
+
+def test_newcomers_that_arrive_together_are_prefilled_in_one_batch() -> None:
+    trace: list[int] = []
+    gate = threading.Event()
+    engine = BatchingEngine(trace, gate)
+    loop = DecodeLoop(prefill_tokens=4096)
+    sinks = [Sink() for _ in range(4)]
+    try:
+        # Job 0's first step waits on the gate; jobs 1-3 arrive meanwhile, so they come in together.
+        loop.submit(_generation(engine, 0, 3, sinks[0]), sinks[0].exited)
+        assert engine.first_step.wait(10)
+        for name in (1, 2, 3):
+            loop.submit(_generation(engine, name, 3, sinks[name]), sinks[name].exited)
+        gate.set()
+        assert all(s.done.wait(10) for s in sinks)
+    finally:
+        loop.stop()
+    assert engine.batches == [[1, 2, 3]]
+    assert all(isinstance(s.events[-1], EndEvent) and s.events[-1].tokens_out == 3 for s in sinks)
+
+
+def test_without_a_prefill_budget_newcomers_are_not_batched() -> None:
+    trace: list[int] = []
+    gate = threading.Event()
+    gate.set()
+    engine = BatchingEngine(trace, gate)
+    loop = DecodeLoop(prefill_tokens=0)
+    sinks = [Sink() for _ in range(3)]
+    try:
+        for name, sink in enumerate(sinks):
+            loop.submit(_generation(engine, name, 2, sink), sink.exited)
+        assert all(s.done.wait(10) for s in sinks)
+    finally:
+        loop.stop()
+    assert engine.batches == []

@@ -20,6 +20,8 @@ def test_defaults_and_environment() -> None:
     assert s.uri == "http://127.0.0.1:8001" and s.binds_loopback
     assert s.decode_nice == 5
     assert settings_from_args([*BASE, "--decode-nice", "0"], {}).decode_nice == 0
+    assert s.prefill_batch_tokens == 4096
+    assert settings_from_args([*BASE, "--prefill-batch-tokens", "0"], {}).prefill_batch_tokens == 0
 
 
 def test_flags_win_over_environment_and_no_cache() -> None:
@@ -43,6 +45,7 @@ def test_callback_urls_repeat_and_advertise_url_is_the_uri() -> None:
         ["--port", "70000"],
         ["--decode-nice", "-1"],
         ["--decode-nice", "20"],
+        ["--prefill-batch-tokens", "-1"],
     ],
 )
 def test_invalid_values_are_refused(extra: list[str]) -> None:

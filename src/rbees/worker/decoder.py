@@ -3,10 +3,12 @@
 One thread instead of one per slot: on a CPU, slot threads fight over the GIL and the cores
 (sixteen of them ran at a third of one job's tokens/s); on a GPU they would queue on the same
 device anyway. A new job gets its first step (prompt prefill and first token) before the running
-ones take their next turn, so a job's time to first token does not wait for a whole rotation.
-While the event loop admits a request (``admitting()``), the running jobs' next step waits for it
-(a few milliseconds at most): in a burst, requests arriving one by one otherwise each started a
-tug of war over the GIL with a decode step, which then took 10-15 ms instead of 2.5.
+ones take their next turn, so a job's time to first token does not wait for a whole rotation, and
+jobs that arrived together are prefilled in batches (``prefill_tokens``, see ``prefill.py``).
+While the event loop admits a request (``admitting()``), the next step waits for it (a few
+milliseconds at most): in a burst, requests arriving one by one otherwise each started a tug of
+war over the GIL with a decode step, which then took 10-15 ms instead of 2.5, and a request in
+admission joins the newcomers' batch rather than waiting for the next one.
 
 The thread runs ``nice`` steps below the worker's other threads (Linux, where each thread has its
 own nice value): when the event loop wakes up to admit a request or write a token, the kernel gives
@@ -14,7 +16,7 @@ it the CPU at once instead of letting it wait behind the decoding, which keeps e
 On a host shared with an orchestrator and clients (a home lab's one box) their latency no longer
 depends on when the decode thread is next preempted.
 
-    loop = DecodeLoop(nice=5)
+    loop = DecodeLoop(nice=5, prefill_tokens=4096)
     with loop.admitting():             # on the event loop, around parsing and admitting a request
         loop.submit(generation, on_exit)   # from any thread; on_exit runs (in the decode thread)
     ...                                # once the generation is over, however it ended
@@ -33,6 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 
 from rbees.worker.jobs import Generation
+from rbees.worker.prefill import prefill_together
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +48,15 @@ _Entry = tuple[Generation, OnExit]
 
 class DecodeLoop:
     def __init__(
-        self, name: str = "rbees-decode", nice: int = 0, admission_wait_s: float = ADMISSION_WAIT_S
+        self,
+        name: str = "rbees-decode",
+        nice: int = 0,
+        admission_wait_s: float = ADMISSION_WAIT_S,
+        prefill_tokens: int = 0,
     ) -> None:
         self._name = name
         self._nice = nice
+        self._prefill_tokens = prefill_tokens
         self._admission_wait_s = admission_wait_s
         self._incoming: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -89,30 +97,44 @@ class DecodeLoop:
     def _run(self) -> None:
         lower_thread_priority(self._nice)
         active: deque[_Entry] = deque()
+        newcomers: list[_Entry] = []  # arrived, first step not taken yet
         try:
             while True:
-                if not active:
-                    entry = self._incoming.get()
-                    if entry is None:
-                        return
-                    self._turn(entry, active)
-                    continue
+                arrived = [] if active else [self._incoming.get()]
                 if self._admitting:
                     self._quiet.wait(self._admission_wait_s)
+                arrived += self._drain()
+                newcomers = [entry for entry in arrived if entry is not None]
+                if len(newcomers) < len(arrived):  # stop() was called
+                    return
+                running = len(active)
                 # Newcomers first: their prefill and first token before the others' next step.
-                while True:
-                    try:
-                        entry = self._incoming.get_nowait()
-                    except queue.Empty:
-                        break
-                    if entry is None:
-                        return
+                self._prefill(newcomers)
+                for entry in newcomers:
                     self._turn(entry, active)
-                self._turn(active.popleft(), active)
+                newcomers = []
+                if running:
+                    self._turn(active.popleft(), active)
         finally:
-            for generation, on_exit in active:
+            for generation, on_exit in [*newcomers, *active]:
                 generation.abandon()
                 _call(on_exit)
+
+    def _drain(self) -> list[_Entry | None]:
+        entries: list[_Entry | None] = []
+        while True:
+            try:
+                entries.append(self._incoming.get_nowait())
+            except queue.Empty:
+                return entries
+
+    def _prefill(self, newcomers: list[_Entry]) -> None:
+        if self._prefill_tokens <= 0 or len(newcomers) < 2:
+            return
+        try:
+            prefill_together([generation for generation, _ in newcomers], self._prefill_tokens)
+        except Exception:  # each job then prefills on its own at its first step
+            log.exception("could not batch the prefill of %d job(s)", len(newcomers))
 
     @staticmethod
     def _turn(entry: _Entry, active: deque[_Entry]) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from rbees.protocol import EndEvent, ErrorCode, ErrorEvent, ExecuteRequest, StopReason, TokenEvent
 from rbees.protocol.events import Event
-from rbees.worker.engines.base import Engine
+from rbees.worker.engines.base import Engine, GenerateArgs
 from rbees.worker.slots import Flag
 from rbees.worker.streaming import IncrementalDetokenizer, StopMatcher
 
@@ -60,6 +60,7 @@ class Generation:
     def __init__(self, engine: Engine, job: Job, emit: Emit) -> None:
         params = job.request
         self.job = job
+        self.engine = engine
         self.reason: StopReason | None = None
         self._emit = emit
         self._max_new = min(params.max_tokens, max(0, engine.context_length - len(job.prompt_ids)))
@@ -68,12 +69,28 @@ class Generation:
         self._out = _TokenStream(emit)
         self._eos = engine.eos_token_ids
         self._generated = 0
+        self._begun = False
         self._started = time.perf_counter()
         self._steps = engine.generate(job.prompt_ids, params, job.seed)
 
     @property
     def done(self) -> bool:
         return self.reason is not None
+
+    @property
+    def awaits_prefill(self) -> bool:
+        """Its first step would run the prompt's prefill (it has not begun and is not cancelled)."""
+        return not self._begun and self.reason is None and self._max_new > 0 and not self.job.cancel.is_set()
+
+    def generate_args(self) -> GenerateArgs:
+        return self.job.prompt_ids, self.job.request, self.job.seed
+
+    def take_steps(self, steps: Generator[int, None, None]) -> None:
+        """Before its first step: decode from ``steps`` (its row of a batched prefill) instead."""
+        if self._begun:
+            raise RuntimeError("the generation has already begun")
+        self._steps.close()
+        self._steps = steps
 
     def step(self) -> bool:
         """One decode step (or the job's ending); ``False`` when the job is over."""
@@ -124,6 +141,7 @@ class Generation:
             return StopReason.CANCELLED
         if self._generated >= self._max_new:
             return StopReason.MAX_TOKENS
+        self._begun = True
         token = next(self._steps)
         if token in self._eos:
             return StopReason.EOS

@@ -64,7 +64,7 @@ class WorkerRuntime:
         self.load_failed = asyncio.Event()
         self._loader = engine_loader
         self._started = time.monotonic()
-        self._decoder = DecodeLoop(nice=settings.decode_nice)
+        self._decoder = DecodeLoop(nice=settings.decode_nice, prefill_tokens=settings.prefill_batch_tokens)
         self._background: set[asyncio.Task[bool]] = set()
 
     # --- loading -----------------------------------------------------------------------------

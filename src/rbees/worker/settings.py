@@ -40,6 +40,7 @@ class WorkerSettings(BaseModel):
     token: str | None = None
     threads: int | None = Field(default=None, ge=1, le=1024)
     decode_nice: int = Field(default=5, ge=0, le=19)
+    prefill_batch_tokens: int = Field(default=4096, ge=0, le=1_000_000)
     drain_timeout_s: float = Field(default=10.0, ge=0, le=3600)
     cache_dir: Path | None = None
 
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         "0: the same), so admitting requests and writing tokens never wait behind decoding (default 5)",
     )
     p.add_argument(
+        "--prefill-batch-tokens",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="prompts that arrive together are prefilled in one forward pass of at most N padded tokens "
+        "(0: each on its own; default 4096)",
+    )
+    p.add_argument(
         "--drain-timeout", type=float, default=10.0, help="seconds running jobs get to finish on SIGTERM"
     )
     p.add_argument(
@@ -128,6 +137,7 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str] = 
         token=args.token or environ.get(TOKEN_ENV) or None,
         threads=args.threads,
         decode_nice=args.decode_nice,
+        prefill_batch_tokens=args.prefill_batch_tokens,
         drain_timeout_s=args.drain_timeout,
         cache_dir=cache_dir,
     )

@@ -13,7 +13,7 @@ Exception tree::
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from rbees.protocol import ChatMessage, SamplingParams
 
@@ -58,6 +58,20 @@ class Engine(Protocol):
         Each ``next()`` runs exactly one forward pass, so a caller that checks a cancel flag
         between steps cancels within one step. Closing the iterator frees the KV cache.
         """
+        ...
+
+
+GenerateArgs = tuple[Sequence[int], SamplingParams, int]
+"""What ``generate`` takes: prompt token ids, sampling parameters, seed."""
+
+
+@runtime_checkable
+class PrefillBatching(Protocol):
+    """An engine that can prefill several prompts in one forward pass."""
+
+    def generate_batch(self, requests: Sequence[GenerateArgs]) -> list[Generator[int, None, None]]:
+        """``generate`` for each request, the prompts prefilled together (at the first ``next()`` of
+        any of the generators); each yields what ``generate`` would have yielded for it."""
         ...
 
 

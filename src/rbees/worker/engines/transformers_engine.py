@@ -2,7 +2,9 @@
 
 Generation is a hand-written decode loop over the model's KV cache (one forward pass per
 ``next()``), not ``model.generate``, so the worker streams every token as it is made and can
-stop between any two steps. Code shipped with a model is never run (``trust_remote_code``
+stop between any two steps. Prompts that arrive together are prefilled in one forward pass
+(``generate_batch``: left-padded, each row's KV cache cut out afterwards), then each job decodes on
+its own cache. Code shipped with a model is never run (``trust_remote_code``
 is always off) and the hub is never contacted (``local_files_only``).
 """
 
@@ -17,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from rbees.protocol import ChatMessage, SamplingParams
 from rbees.worker.engines import gguf_cache
-from rbees.worker.engines.base import EngineError, PromptError
+from rbees.worker.engines.base import EngineError, GenerateArgs, PromptError
 from rbees.worker.engines.chat_template import ChatTemplate, pick_template
 from rbees.worker.engines.devices import device_memory_bytes, dtype_for
 from rbees.worker.engines.sampling import Sampler
@@ -45,6 +48,7 @@ class TransformersEngine:
         self._eos = _eos_ids(model, tokenizer)
         forward = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        self._batchable = _can_split_prefill(model, forward)
         self._logits_kwargs: dict[str, int] = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._template: ChatTemplate | None = None
         self._template_error = "the model has no chat template; send 'prompt' instead of 'messages'"
@@ -124,9 +128,31 @@ class TransformersEngine:
         self, prompt_ids: Sequence[int], params: SamplingParams, seed: int
     ) -> Generator[int, None, None]:
         sampler = Sampler(params, seed, self._vocab_size, prompt_ids)
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self._torch_device)
+        yield from self._decode(sampler, input_ids, None)
+
+    def generate_batch(self, requests: Sequence[GenerateArgs]) -> list[Generator[int, None, None]]:
+        """``generate`` for each request, their prompts prefilled together in one forward pass,
+        which runs at the first ``next()`` of any of them; then each decodes on its own KV cache.
+        Greedy and seeded sampling give what ``generate`` gives. Models whose cache cannot be cut
+        into rows (sliding-window or other special layers) get ``generate`` for each."""
+        if len(requests) < 2 or not self._batchable:
+            return [self.generate(*r) for r in requests]
+        batch = _BatchPrefill(self, requests)
+        return [self._from_batch(batch, i) for i in range(len(requests))]
+
+    def _from_batch(self, batch: _BatchPrefill, row: int) -> Generator[int, None, None]:
+        prompt_ids, params, seed = batch.requests[row]
+        sampler = Sampler(params, seed, self._vocab_size, prompt_ids)
+        logits, cache = batch.take(row)
+        token = sampler.pick(logits)
+        del logits
+        yield token
+        next_ids = torch.tensor([[token]], dtype=torch.long, device=self._torch_device)
+        yield from self._decode(sampler, next_ids, cache)
+
+    def _decode(self, sampler: Sampler, input_ids: torch.Tensor, cache: Any) -> Generator[int, None, None]:
         model, device = self._model, self._torch_device
-        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-        cache: Any = None
         while True:
             with torch.inference_mode():
                 out = model(
@@ -137,6 +163,76 @@ class TransformersEngine:
             del out
             yield token
             input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+
+    def _prefill_rows(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[Any]]:
+        """One forward pass over left-padded prompts: each row's last logits and its own KV cache."""
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        positions = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            pad = width - len(prompt)
+            ids[row, pad:] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, pad:] = 1
+            positions[row, pad:] = torch.arange(len(prompt))
+        device = self._torch_device
+        padded = bool((mask == 0).any())
+        with torch.inference_mode():
+            out = self._model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device) if padded else None,
+                position_ids=positions.to(device),
+                use_cache=True,
+                **self._logits_kwargs,
+            )
+            layers = [(layer.keys, layer.values) for layer in _output_cache(out).layers]
+            logits = out.logits[:, -1]
+            del out
+            caches = []
+            for row, prompt in enumerate(prompts):
+                pad = width - len(prompt)
+                own = [(k[row : row + 1, :, pad:], v[row : row + 1, :, pad:]) for k, v in layers]
+                caches.append(DynamicCache(ddp_cache_data=own, config=self._model.config))
+        return logits, caches
+
+
+class _BatchPrefill:
+    """The shared prefill of a batch: run once, at the first row that asks; each row then takes its
+    logits and cache (and the batch lets go of them)."""
+
+    def __init__(self, engine: TransformersEngine, requests: Sequence[GenerateArgs]) -> None:
+        self.requests = list(requests)
+        self._engine = engine
+        self._rows: list[tuple[torch.Tensor, Any] | None] | None = None
+        self._failed: Exception | None = None
+
+    def take(self, row: int) -> tuple[torch.Tensor, Any]:
+        if self._failed is not None:  # every row fails as the forward pass did, without a rerun
+            raise self._failed
+        if self._rows is None:
+            try:
+                logits, caches = self._engine._prefill_rows([r[0] for r in self.requests])
+            except Exception as exc:
+                self._failed = exc
+                raise
+            self._rows = [(logits[i], cache) for i, cache in enumerate(caches)]
+        taken = self._rows[row]
+        if taken is None:
+            raise RuntimeError(f"row {row} of the prefill batch was already taken")
+        self._rows[row] = None
+        return taken
+
+
+def _can_split_prefill(model: Any, forward: Any) -> bool:
+    """Whether a batched prefill's KV cache can be cut into one cache per row: the forward takes a
+    padding mask and positions, and every layer of the model's cache is a plain growing one."""
+    if "attention_mask" not in forward or "position_ids" not in forward:
+        return False
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _rust_tokenizer(tokenizer: Any) -> Any:
