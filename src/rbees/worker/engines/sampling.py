@@ -67,10 +67,14 @@ class Sampler:
             if ids:
                 self._seen[torch.tensor(ids, dtype=torch.long)] = True
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy without a repetition penalty: the next token is the logits' argmax, nothing more."""
+        return self._params.temperature == 0.0 and not self._track_seen
+
     def pick(self, logits: torch.Tensor) -> int:
         """Choose the next token from the last position's logits (any device, any float dtype)."""
-        params = self._params
-        if params.temperature == 0.0 and not self._track_seen:
+        if self.plain_greedy:
             token = int(torch.argmax(logits).item())
         else:
             token = self._pick_on_cpu(logits.detach().to("cpu", torch.float32))

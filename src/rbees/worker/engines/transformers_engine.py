@@ -25,6 +25,7 @@ from rbees.protocol import ChatMessage, SamplingParams
 from rbees.worker.engines import gguf_cache
 from rbees.worker.engines.base import EngineError, GenerateArgs, PromptError
 from rbees.worker.engines.chat_template import ChatTemplate, pick_template
+from rbees.worker.engines.decode_batch import DecodeBatch, Layers
 from rbees.worker.engines.devices import device_memory_bytes, dtype_for
 from rbees.worker.engines.sampling import Sampler
 from rbees.worker.modelfiles import ModelSource
@@ -49,6 +50,8 @@ class TransformersEngine:
         forward = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         self._batchable = _can_split_prefill(model, forward)
+        # One forward pass per step for every job decoding at once, where the cache can be batched.
+        self._decoding = DecodeBatch(self._batch_forward, self._row_cache) if self._batchable else None
         self._logits_kwargs: dict[str, int] = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
         self._template: ChatTemplate | None = None
         self._template_error = "the model has no chat template; send 'prompt' instead of 'messages'"
@@ -129,13 +132,21 @@ class TransformersEngine:
     ) -> Generator[int, None, None]:
         sampler = Sampler(params, seed, self._vocab_size, prompt_ids)
         input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self._torch_device)
-        yield from self._decode(sampler, input_ids, None)
+        if self._decoding is None:
+            yield from self._decode(sampler, input_ids, None)
+            return
+        with torch.inference_mode():
+            out = self._model(input_ids=input_ids, use_cache=True, **self._logits_kwargs)
+            cache = _output_cache(out)
+            token = sampler.pick(out.logits[0, -1])
+        del out
+        yield from self._decoding.rows(sampler, token, len(prompt_ids), cache)
 
     def generate_batch(self, requests: Sequence[GenerateArgs]) -> list[Generator[int, None, None]]:
         """``generate`` for each request, their prompts prefilled together in one forward pass,
-        which runs at the first ``next()`` of any of them; then each decodes on its own KV cache.
-        Greedy and seeded sampling give what ``generate`` gives. Models whose cache cannot be cut
-        into rows (sliding-window or other special layers) get ``generate`` for each."""
+        which runs at the first ``next()`` of any of them. Greedy and seeded sampling give what
+        ``generate`` gives. Models whose cache cannot be cut into rows (sliding-window or other
+        special layers) get ``generate`` for each."""
         if len(requests) < 2 or not self._batchable:
             return [self.generate(*r) for r in requests]
         batch = _BatchPrefill(self, requests)
@@ -147,11 +158,15 @@ class TransformersEngine:
         logits, cache = batch.take(row)
         token = sampler.pick(logits)
         del logits
-        yield token
-        next_ids = torch.tensor([[token]], dtype=torch.long, device=self._torch_device)
-        yield from self._decode(sampler, next_ids, cache)
+        if self._decoding is not None:
+            yield from self._decoding.rows(sampler, token, len(prompt_ids), cache)
+        else:
+            yield token
+            next_ids = torch.tensor([[token]], dtype=torch.long, device=self._torch_device)
+            yield from self._decode(sampler, next_ids, cache)
 
     def _decode(self, sampler: Sampler, input_ids: torch.Tensor, cache: Any) -> Generator[int, None, None]:
+        """One job alone: one forward pass per token (models whose cache cannot be batched)."""
         model, device = self._model, self._torch_device
         while True:
             with torch.inference_mode():
@@ -163,6 +178,22 @@ class TransformersEngine:
             del out
             yield token
             input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+
+    def _batch_forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any]:
+        out = self._model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+            **self._logits_kwargs,
+        )
+        return out.logits[:, -1], _output_cache(out)
+
+    def _row_cache(self, layers: Layers) -> Any:
+        return DynamicCache(ddp_cache_data=layers, config=self._model.config)
 
     def _prefill_rows(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, list[Any]]:
         """One forward pass over left-padded prompts: each row's last logits and its own KV cache."""
@@ -192,7 +223,7 @@ class TransformersEngine:
             for row, prompt in enumerate(prompts):
                 pad = width - len(prompt)
                 own = [(k[row : row + 1, :, pad:], v[row : row + 1, :, pad:]) for k, v in layers]
-                caches.append(DynamicCache(ddp_cache_data=own, config=self._model.config))
+                caches.append(self._row_cache(own))
         return logits, caches
 
 
