@@ -2,9 +2,12 @@
 
 One thread instead of one per slot: on a CPU, slot threads fight over the GIL and the cores
 (sixteen of them ran at a third of one job's tokens/s); on a GPU they would queue on the same
-device anyway. A new job gets its first step (prompt prefill and first token) before the running
-ones take their next turn, so a job's time to first token does not wait for a whole rotation, and
-jobs that arrived together are prefilled in batches (``prefill_tokens``, see ``prefill.py``).
+device anyway. With an engine that batches (``engines/decode_batch.py``), the first job of a round
+to take its turn runs one forward pass for all of them and the others find their token waiting, so
+a round of turns is one pass. A new job gets its first step (prompt prefill and first token)
+before the running ones take their next turn, so a job's time to first token does not wait for a
+whole rotation, and jobs that arrived together are prefilled in batches (``prefill_tokens``, see
+``prefill.py``).
 While the event loop admits a request (``admitting()``), the next step waits for it (a few
 milliseconds at most): in a burst, requests arriving one by one otherwise each started a tug of
 war over the GIL with a decode step, which then took 10-15 ms instead of 2.5, and a request in
