@@ -12,15 +12,7 @@ import pytest
 from rbees.protocol import ExecuteRequest, SamplingParams
 from rbees.worker.engines.transformers_engine import TransformersEngine
 from rbees.worker.modelfiles import inspect_model_path
-
-PROMPTS = [
-    "Once upon a time",
-    "Hello",
-    "The quick brown fox jumps over the lazy dog, and then it ran all the way home",
-    "def add(a, b):",
-    "A",
-    "Zürich, São Paulo and Kraków",
-]
+from tests.worker.test_prefill import PROMPTS
 
 
 def _params(i: int) -> SamplingParams:

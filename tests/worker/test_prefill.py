@@ -20,6 +20,7 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy dog, and then it ran all the way home",
     "def add(a, b):",
     "A",
+    "Zürich, São Paulo and Kraków",
 ]
 
 
