@@ -140,3 +140,30 @@ def test_a_failed_step_ends_every_row_and_later_jobs_start_afresh(
     fresh = _start(engine, 4)
     assert [next(fresh) for _ in range(5)] == _alone(engine, 4, 5)
     fresh.close()
+
+
+def test_rows_without_padding_take_the_models_own_mask_and_positions(
+    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = engine._decoding
+    assert batch is not None
+    masked: list[bool] = []
+    forward = batch._forward
+
+    def noting(ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        masked.append(mask is not None)
+        return forward(ids, mask, positions, cache)
+
+    expected = _alone(engine, 0, 4)
+    monkeypatch.setattr(batch, "_forward", noting)
+    alone = _start(engine, 0)
+    assert [next(alone) for _ in range(4)] == expected
+    assert masked == [False] * 3  # one row: nothing padded
+    masked.clear()
+    other = _start(engine, 2)  # a longer prompt: the first row gets padding
+    next(other)
+    next(alone)
+    next(other)
+    assert masked == [True]
+    alone.close()
+    other.close()

@@ -8,10 +8,11 @@ a round of turns is one pass. A new job gets its first step (prompt prefill and 
 before the running ones take their next turn, so a job's time to first token does not wait for a
 whole rotation, and jobs that arrived together are prefilled in batches (``prefill_tokens``, see
 ``prefill.py``).
-While the event loop admits a request (``admitting()``), the next step waits for it (a few
-milliseconds at most): in a burst, requests arriving one by one otherwise each started a tug of
-war over the GIL with a decode step, which then took 10-15 ms instead of 2.5, and a request in
-admission joins the newcomers' batch rather than waiting for the next one.
+While the event loop admits a request (``admitting()``), the running jobs' next step waits for it
+(a few milliseconds at most): in a burst, requests arriving one by one otherwise each started a
+tug of war over the GIL with a decode step, which then took 10-15 ms instead of 2.5, and a request
+in admission joins the newcomers' batch rather than waiting for the next one. An idle worker starts
+a lone request's prefill at once.
 
 The thread runs ``nice`` steps below the worker's other threads (Linux, where each thread has its
 own nice value): when the event loop wakes up to admit a request or write a token, the kernel gives
@@ -104,7 +105,7 @@ class DecodeLoop:
         try:
             while True:
                 arrived = [] if active else [self._incoming.get()]
-                if self._admitting:
+                if active and self._admitting:  # an idle worker starts a lone request's prefill at once
                     self._quiet.wait(self._admission_wait_s)
                 arrived += self._drain()
                 newcomers = [entry for entry in arrived if entry is not None]

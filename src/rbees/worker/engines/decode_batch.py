@@ -29,8 +29,9 @@ from rbees.worker.engines.sampling import Sampler
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 """A KV cache's (keys, values) per layer, each [B, H, L, D]."""
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, Any]]
-"""(input ids [B,1], attention mask [B,L+1], positions [B,1], cache) -> (last logits [B,V], cache)"""
+Forward = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any], tuple[torch.Tensor, Any]]
+"""(input ids [B,1], attention mask [B,L+1], positions [B,1], cache) -> (last logits [B,V], cache);
+mask and positions are None while no row has padding (every row's positions are its columns)."""
 
 
 @dataclass(eq=False)
@@ -51,6 +52,7 @@ class DecodeBatch:
         self._rows: list[Row] = []  # the batch cache's rows, in order
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where a cache column is the row's own
+        self._padded = False  # whether the mask has a 0 anywhere
         self._joining: list[Row] = []
 
     @property
@@ -103,8 +105,12 @@ class DecodeBatch:
         positions = torch.tensor([[r.position] for r in rows], device=device)
         column = torch.tensor([[1 if a else 0] for a in advancing], dtype=torch.long, device=device)
         mask = torch.cat([self._mask, column], dim=1)
-        logits, self._cache = self._forward(ids, mask, positions, self._cache)
-        self._mask = mask
+        padded = self._padded or not all(advancing)
+        if padded:
+            logits, self._cache = self._forward(ids, mask, positions, self._cache)
+        else:  # the model's own causal mask and positions are right, and its fastest path
+            logits, self._cache = self._forward(ids, None, None, self._cache)
+        self._mask, self._padded = mask, padded
         greedy: list[int] | None = None
         for index, (row, advance) in enumerate(zip(rows, advancing, strict=True)):
             if not advance:
@@ -125,7 +131,7 @@ class DecodeBatch:
             keep = [i for i, r in enumerate(self._rows) if r.alive]
             self._rows = [self._rows[i] for i in keep]
             if not keep:
-                self._cache, self._mask = None, None
+                self._cache, self._mask, self._padded = None, None, False
             else:
                 assert self._mask is not None
                 index = torch.tensor(keep, device=self._mask.device)
@@ -133,6 +139,7 @@ class DecodeBatch:
                 used = torch.nonzero(self._mask.any(dim=0))
                 start = int(used[0]) if used.numel() else self._mask.shape[1]
                 self._mask = self._mask[:, start:]
+                self._padded = not bool(self._mask.all())
                 for layer in self._cache.layers:
                     layer.keys = layer.keys.index_select(0, index)[:, :, start:]
                     layer.values = layer.values.index_select(0, index)[:, :, start:]
@@ -148,7 +155,7 @@ class DecodeBatch:
         row_mask = torch.ones((1, own), dtype=torch.long, device=device)
         if self._cache is None:
             self._cache = self._make_cache(layers)
-            self._mask = row_mask
+            self._mask, self._padded = row_mask, False
             self._rows = [row]
             return
         assert self._mask is not None
@@ -156,7 +163,9 @@ class DecodeBatch:
         if own < width:
             layers = [(_pad_left(k, width - own), _pad_left(v, width - own)) for k, v in layers]
             row_mask = _pad_left_2d(row_mask, width - own)
-        elif own > width:
+        if own != width:
+            self._padded = True
+        if own > width:
             for layer in self._cache.layers:
                 layer.keys = _pad_left(layer.keys, own - width)
                 layer.values = _pad_left(layer.values, own - width)

@@ -180,16 +180,12 @@ class TransformersEngine:
             input_ids = torch.tensor([[token]], dtype=torch.long, device=device)
 
     def _batch_forward(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+        self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, cache: Any
     ) -> tuple[torch.Tensor, Any]:
-        out = self._model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_kwarg: cache},
-            **self._logits_kwargs,
-        )
+        kwargs = {self._cache_kwarg: cache, **self._logits_kwargs}
+        if mask is not None:
+            kwargs |= {"attention_mask": mask, "position_ids": positions}
+        out = self._model(input_ids=input_ids, use_cache=True, **kwargs)
         return out.logits[:, -1], _output_cache(out)
 
     def _row_cache(self, layers: Layers) -> Any:
