@@ -53,6 +53,8 @@ class DecodeBatch:
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # [B, L]: 1 where a cache column is the row's own
         self._padded = False  # whether the mask has a 0 anywhere
+        self._ones = 0  # columns of ones not yet appended to the mask (steps taken while unpadded)
+        self._device = torch.device("cpu")
         self._joining: list[Row] = []
 
     @property
@@ -92,25 +94,29 @@ class DecodeBatch:
             for row in [*self._rows, *self._joining]:
                 row.failed = exc
             self._rows, self._joining, self._cache, self._mask = [], [], None, None
+            self._padded, self._ones = False, 0
             raise
 
     def _advance(self) -> None:
         rows = self._rows
-        assert self._mask is not None
-        device = self._mask.device
+        device = self._device
         advancing = [r.waiting is None for r in rows]
-        # A row with a token still waiting gets a hole: a dummy input in a column nothing attends to.
-        pairs = zip(rows, advancing, strict=True)
-        ids = torch.tensor([[r.last if a else 0] for r, a in pairs], device=device)
-        positions = torch.tensor([[r.position] for r in rows], device=device)
-        column = torch.tensor([[1 if a else 0] for a in advancing], dtype=torch.long, device=device)
-        mask = torch.cat([self._mask, column], dim=1)
-        padded = self._padded or not all(advancing)
-        if padded:
-            logits, self._cache = self._forward(ids, mask, positions, self._cache)
-        else:  # the model's own causal mask and positions are right, and its fastest path
+        if not self._padded and all(advancing):
+            # No padding anywhere: the model's own causal mask and positions are right, and its
+            # fastest path; the mask only gets this step's column when it is next needed.
+            ids = torch.tensor([[r.last] for r in rows], device=device)
             logits, self._cache = self._forward(ids, None, None, self._cache)
-        self._mask, self._padded = mask, padded
+            self._ones += 1
+        else:
+            # A row with a token still waiting gets a hole: a dummy input in a column nothing
+            # attends to.
+            pairs = zip(rows, advancing, strict=True)
+            ids = torch.tensor([[r.last if a else 0] for r, a in pairs], device=device)
+            positions = torch.tensor([[r.position] for r in rows], device=device)
+            column = torch.tensor([[1 if a else 0] for a in advancing], dtype=torch.long, device=device)
+            mask = torch.cat([self._current_mask(), column], dim=1)
+            logits, self._cache = self._forward(ids, mask, positions, self._cache)
+            self._mask, self._padded = mask, True
         greedy: list[int] | None = None
         for index, (row, advance) in enumerate(zip(rows, advancing, strict=True)):
             if not advance:
@@ -125,17 +131,23 @@ class DecodeBatch:
             row.last = token
             row.position += 1
 
+    def _current_mask(self) -> torch.Tensor:
+        """The mask with the columns of the steps taken while unpadded (ones) appended."""
+        assert self._mask is not None
+        if self._ones:
+            self._mask, self._ones = _ones_after(self._mask, self._ones), 0
+        return self._mask
+
     def _admit(self) -> None:
         """Drop rows that ended, then append the rows that joined (padding either side as needed)."""
         if any(not r.alive for r in self._rows):
             keep = [i for i, r in enumerate(self._rows) if r.alive]
             self._rows = [self._rows[i] for i in keep]
             if not keep:
-                self._cache, self._mask, self._padded = None, None, False
+                self._cache, self._mask, self._padded, self._ones = None, None, False, 0
             else:
-                assert self._mask is not None
-                index = torch.tensor(keep, device=self._mask.device)
-                self._mask = self._mask.index_select(0, index)
+                index = torch.tensor(keep, device=self._device)
+                self._mask = self._current_mask().index_select(0, index)
                 used = torch.nonzero(self._mask.any(dim=0))
                 start = int(used[0]) if used.numel() else self._mask.shape[1]
                 self._mask = self._mask[:, start:]
@@ -155,10 +167,10 @@ class DecodeBatch:
         row_mask = torch.ones((1, own), dtype=torch.long, device=device)
         if self._cache is None:
             self._cache = self._make_cache(layers)
-            self._mask, self._padded = row_mask, False
+            self._mask, self._padded, self._ones, self._device = row_mask, False, 0, device
             self._rows = [row]
             return
-        assert self._mask is not None
+        self._mask = self._current_mask()
         width = self._mask.shape[1]
         if own < width:
             layers = [(_pad_left(k, width - own), _pad_left(v, width - own)) for k, v in layers]
@@ -175,6 +187,10 @@ class DecodeBatch:
             layer.values = torch.cat([layer.values, values], dim=0)
         self._mask = torch.cat([self._mask, row_mask], dim=0)
         self._rows.append(row)
+
+
+def _ones_after(mask: torch.Tensor, columns: int) -> torch.Tensor:
+    return torch.cat([mask, mask.new_ones((mask.shape[0], columns))], dim=1)
 
 
 def _pad_left(states: torch.Tensor, columns: int) -> torch.Tensor:
