@@ -26,18 +26,18 @@ def engine(tiny_llama: Path) -> TransformersEngine:
 
 
 @pytest.fixture
-def forwards(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The batch size of every batched decode step."""
+def forwards(engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """Each batched decode step's batch size and whether it was given a padding mask."""
     assert engine._decoding is not None
-    sizes: list[int] = []
+    steps: list[tuple[int, bool]] = []
     forward = engine._decoding._forward
 
-    def counting(ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
-        sizes.append(ids.shape[0])
+    def noting(ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        steps.append((ids.shape[0], mask is not None))
         return forward(ids, mask, positions, cache)
 
-    monkeypatch.setattr(engine._decoding, "_forward", counting)
-    return sizes
+    monkeypatch.setattr(engine._decoding, "_forward", noting)
+    return steps
 
 
 def _alone(engine: TransformersEngine, i: int, n: int) -> list[int]:
@@ -53,7 +53,7 @@ def _start(engine: TransformersEngine, i: int) -> Generator[int, None, None]:
 
 
 def test_jobs_in_turns_share_one_forward_pass_per_round(
-    engine: TransformersEngine, forwards: list[int]
+    engine: TransformersEngine, forwards: list[tuple[int, bool]]
 ) -> None:
     alone = [_alone(engine, i, 12) for i in range(len(PROMPTS))]
     forwards.clear()
@@ -66,11 +66,11 @@ def test_jobs_in_turns_share_one_forward_pass_per_round(
         job.close()
     assert got == alone
     # The first token of each comes from its prefill; the other 11 rounds are one pass each.
-    assert forwards == [len(PROMPTS)] * 11
+    assert [size for size, _ in forwards] == [len(PROMPTS)] * 11
 
 
 def test_jobs_that_join_and_leave_midway_get_what_they_get_alone(
-    engine: TransformersEngine, forwards: list[int]
+    engine: TransformersEngine, forwards: list[tuple[int, bool]]
 ) -> None:
     lengths = {0: 20, 1: 6, 2: 14, 3: 9, 4: 17, 5: 3}
     alone = {i: _alone(engine, i, n) for i, n in lengths.items()}
@@ -86,7 +86,8 @@ def test_jobs_that_join_and_leave_midway_get_what_they_get_alone(
                 job.close()
                 del live[i]
     assert got == alone
-    assert max(forwards) <= len(PROMPTS) and min(forwards) >= 1
+    sizes = [size for size, _ in forwards]
+    assert max(sizes) <= len(PROMPTS) and min(sizes) >= 1
     assert engine._decoding is not None and engine._decoding.size == 0
 
 
@@ -143,27 +144,18 @@ def test_a_failed_step_ends_every_row_and_later_jobs_start_afresh(
 
 
 def test_rows_without_padding_take_the_models_own_mask_and_positions(
-    engine: TransformersEngine, monkeypatch: pytest.MonkeyPatch
+    engine: TransformersEngine, forwards: list[tuple[int, bool]]
 ) -> None:
-    batch = engine._decoding
-    assert batch is not None
-    masked: list[bool] = []
-    forward = batch._forward
-
-    def noting(ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
-        masked.append(mask is not None)
-        return forward(ids, mask, positions, cache)
-
     expected = _alone(engine, 0, 4)
-    monkeypatch.setattr(batch, "_forward", noting)
+    forwards.clear()
     alone = _start(engine, 0)
     assert [next(alone) for _ in range(4)] == expected
-    assert masked == [False] * 3  # one row: nothing padded
-    masked.clear()
+    assert forwards == [(1, False)] * 3  # one row: nothing padded
+    forwards.clear()
     other = _start(engine, 2)  # a longer prompt: the first row gets padding
     next(other)
     next(alone)
     next(other)
-    assert masked == [True]
+    assert forwards == [(2, True)]
     alone.close()
     other.close()

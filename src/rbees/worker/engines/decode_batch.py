@@ -9,8 +9,8 @@ theirs waiting at their turn. The worker's decode thread turns the jobs round-ro
 of turns costs one forward pass instead of one per job.
 
 A failed step ends every row with its error (the batch cache may be half updated) and the batch
-starts afresh. A row that ends (its generator is closed) leaves at the next step, and columns that have become
-padding for every remaining row are dropped. A row asked for a token while another still has one
+starts afresh. A row that ends (its generator is closed) leaves at the next step, and columns that
+have become padding for every remaining row are dropped. A row asked for a token while another still has one
 waiting takes part with a masked hole instead (its cache gets a column that nothing attends to):
 that keeps every row's output exact whatever order the turns come in.
 
