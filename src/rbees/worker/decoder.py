@@ -11,8 +11,15 @@ whole rotation, and jobs that arrived together are prefilled in batches (``prefi
 While the event loop admits a request (``admitting()``), the running jobs' next step waits for it
 (a few milliseconds at most): in a burst, requests arriving one by one otherwise each started a
 tug of war over the GIL with a decode step, which then took 10-15 ms instead of 2.5, and a request
-in admission joins the newcomers' batch rather than waiting for the next one. An idle worker starts
-a lone request's prefill at once.
+in admission joins the newcomers' batch rather than waiting for the next one.
+
+On a GPU a prefill pass costs about the same for one prompt as for sixteen (tens of milliseconds
+for a 30-layer model, mostly launching its kernels), so an idle worker that receives a request
+waits a moment for others arriving with it (``gather_share``: a share of the last prefill's time,
+see ``gather_window``): a burst that reaches it spread over a few milliseconds (through an
+orchestrator, say) is one prefill, instead of one for the first request and a second, a whole pass
+later, for the rest. A lone request waits only ``GATHER_GAP_S`` for a second one. On a CPU the
+prefill's cost grows with its tokens, so there is nothing to win (share 0: no wait).
 
 The thread runs ``nice`` steps below the worker's other threads (Linux, where each thread has its
 own nice value): when the event loop wakes up to admit a request or write a token, the kernel gives
@@ -35,6 +42,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
@@ -45,6 +53,20 @@ log = logging.getLogger(__name__)
 
 # The longest a step of the running jobs waits for requests being admitted (one takes ~0.3 ms).
 ADMISSION_WAIT_S = 0.005
+# A burst reaching an idle worker is gathered for at most GATHER_CAP_S and ``gather_share`` of a
+# prefill's time, not at all when that comes to less than GATHER_MIN_S. A first request waits
+# GATHER_GAP_S for a second; after that the burst is over once none came for a quarter of the window.
+GATHER_CAP_S = 0.020
+GATHER_MIN_S = 0.001
+GATHER_GAP_S = 0.001
+
+
+def gather_window(prefill_s: float, share: float) -> float:
+    """How long an idle worker may wait for more requests after one arrives, given what its last
+    prefill took: 0 where that would be under a millisecond."""
+    window = min(GATHER_CAP_S, share * prefill_s)
+    return window if window >= GATHER_MIN_S else 0.0
+
 
 OnExit = Callable[[], None]
 _Entry = tuple[Generation, OnExit]
@@ -57,17 +79,20 @@ class DecodeLoop:
         nice: int = 0,
         admission_wait_s: float = ADMISSION_WAIT_S,
         prefill_tokens: int = 0,
+        gather_share: float = 0.0,
     ) -> None:
         self._name = name
         self._nice = nice
         self._prefill_tokens = prefill_tokens
         self._admission_wait_s = admission_wait_s
+        self._gather_share = gather_share
         self._incoming: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._admitting = 0  # requests the event loop is admitting now (written by the loop only)
         self._quiet = threading.Event()  # set while it admits none
         self._quiet.set()
+        self.prefill_s = 0.0  # what the last newcomers' first steps took (prefill, first token)
 
     @contextlib.contextmanager
     def admitting(self) -> Iterator[None]:
@@ -104,18 +129,25 @@ class DecodeLoop:
         newcomers: list[_Entry] = []  # arrived, first step not taken yet
         try:
             while True:
-                arrived = [] if active else [self._incoming.get()]
-                if active and self._admitting:  # an idle worker starts a lone request's prefill at once
-                    self._quiet.wait(self._admission_wait_s)
+                if active:
+                    arrived = []
+                    if self._admitting:
+                        self._quiet.wait(self._admission_wait_s)
+                else:
+                    arrived = [self._incoming.get()]
+                    arrived += self._gather(gather_window(self.prefill_s, self._gather_share))
                 arrived += self._drain()
                 newcomers = [entry for entry in arrived if entry is not None]
                 if len(newcomers) < len(arrived):  # stop() was called
                     return
                 running = len(active)
                 # Newcomers first: their prefill and first token before the others' next step.
-                self._prefill(newcomers)
-                for entry in newcomers:
-                    self._turn(entry, active)
+                if newcomers:
+                    started = time.perf_counter()
+                    self._prefill(newcomers)
+                    for entry in newcomers:
+                        self._turn(entry, active)
+                    self.prefill_s = time.perf_counter() - started
                 newcomers = []
                 if running:
                     self._turn(active.popleft(), active)
@@ -123,6 +155,31 @@ class DecodeLoop:
             for generation, on_exit in [*newcomers, *active]:
                 generation.abandon()
                 _call(on_exit)
+
+    def _gather(self, window_s: float) -> list[_Entry | None]:
+        """The requests that arrive within ``window_s`` of now while they keep coming (a request
+        being admitted counts as coming); none, and no wait, for a window of 0."""
+        entries: list[_Entry | None] = []
+        now = time.monotonic()
+        deadline = now + window_s
+        gap = GATHER_GAP_S  # for the second request; once it came, a burst is under way
+        quiet_from = min(deadline, now + gap)
+        while now < quiet_from:
+            if self._admitting:
+                self._quiet.wait(deadline - now)
+            try:
+                entry = self._incoming.get(timeout=max(0.0, quiet_from - time.monotonic()))
+            except queue.Empty:
+                if not self._admitting:
+                    break
+            else:
+                entries.append(entry)
+                if entry is None:  # stop() was called
+                    break
+                gap = max(GATHER_GAP_S, window_s / 4)
+            now = time.monotonic()
+            quiet_from = min(deadline, now + gap)
+        return entries
 
     def _drain(self) -> list[_Entry | None]:
         entries: list[_Entry | None] = []

@@ -26,6 +26,7 @@ log = logging.getLogger("rbees.worker")
 
 EXIT_OK, EXIT_SERVER_DIED, EXIT_CANNOT_START = 0, 1, 2
 _SHUTDOWN_GRACE_S = 5
+_GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class _Server(uvicorn.Server):
@@ -68,6 +69,10 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    # The decode thread holds the GIL for most of a GPU forward pass (launching its kernels); the
+    # event loop, to admit a request, waits for the interpreter to make it let go: 5 ms by default,
+    # several times per request. A millisecond keeps admissions prompt at a negligible cost.
+    sys.setswitchinterval(_GIL_SWITCH_INTERVAL_S)
     try:
         device = resolve_device(settings.backend, settings.gpu)
     except DeviceError as exc:

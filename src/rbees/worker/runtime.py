@@ -64,7 +64,11 @@ class WorkerRuntime:
         self.load_failed = asyncio.Event()
         self._loader = engine_loader
         self._started = time.monotonic()
-        self._decoder = DecodeLoop(nice=settings.decode_nice, prefill_tokens=settings.prefill_batch_tokens)
+        self._decoder = DecodeLoop(
+            nice=settings.decode_nice,
+            prefill_tokens=settings.prefill_batch_tokens,
+            gather_share=settings.gather_share,
+        )
         self._background: set[asyncio.Task[bool]] = set()
 
     # --- loading -----------------------------------------------------------------------------
