@@ -366,3 +366,40 @@ def test_a_lone_request_waits_only_for_a_second_one_to_arrive(slow_gathering: No
     finally:
         loop.stop()
     assert 0.25 < waited < 1.5
+
+
+class SlowPrefillEngine(RecordingEngine):
+    """Each job's first step (its prefill) takes 20 ms, as a pass does on a GPU."""
+
+    def generate(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+    ) -> Generator[int, None, None]:
+        time.sleep(0.02)
+        yield from super().generate(prompt_ids, params, seed)
+
+
+@pytest.mark.parametrize("share", [50.0, 0.0])
+def test_when_a_job_ends_the_others_wait_a_moment_for_the_next(share: float, slow_gathering: None) -> None:
+    trace: list[int] = []
+    engine = SlowPrefillEngine(trace)
+    # Two first steps of 20 ms: a gather window of min(2 s, 50 x 40 ms), a quarter of it for a replacement.
+    loop = DecodeLoop(gather_share=share)
+    short, endless, replacement = Sink(), Sink(), Sink()
+    runner = _generation(engine, 0, 32768, endless)
+    try:
+        loop.submit(_generation(engine, 1, 3, short), short.exited)
+        loop.submit(runner, endless.exited)
+        assert short.done.wait(10)
+        held = len(trace)
+        threading.Event().wait(0.05)  # the next request comes 50 ms after the job ended
+        if share:
+            assert len(trace) == held  # the running job waited for it
+        loop.submit(_generation(engine, 2, 1, replacement), replacement.exited)
+        assert replacement.done.wait(10)
+        assert _grows(trace, 10)  # and then goes on
+        runner.job.cancel.set()
+        assert endless.done.wait(10)
+    finally:
+        loop.stop()
+    steps_before = trace[held:].index(2)
+    assert steps_before == 0 if share else steps_before > 0

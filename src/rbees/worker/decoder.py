@@ -18,8 +18,11 @@ for a 30-layer model, mostly launching its kernels), so an idle worker that rece
 waits a moment for others arriving with it (``gather_share``: a share of the last prefill's time,
 see ``gather_window``): a burst that reaches it spread over a few milliseconds (through an
 orchestrator, say) is one prefill, instead of one for the first request and a second, a whole pass
-later, for the rest. A lone request waits only ``GATHER_GAP_S`` for a second one. On a CPU the
-prefill's cost grows with its tokens, so there is nothing to win (share 0: no wait).
+later, for the rest. A lone request waits only ``GATHER_GAP_S`` for a second one. Likewise when a
+job ends, the running jobs wait a quarter of that window for a request to take its place (one sent
+as soon as the last ended, or dispatched from the orchestrator's queue to the freed slot), which
+then joins the next pass instead of waiting for one more. On a CPU the prefill's cost grows with
+its tokens, so there is nothing to win (share 0: no wait).
 
 The thread runs ``nice`` steps below the worker's other threads (Linux, where each thread has its
 own nice value): when the event loop wakes up to admit a request or write a token, the kernel gives
@@ -59,6 +62,10 @@ ADMISSION_WAIT_S = 0.005
 GATHER_CAP_S = 0.020
 GATHER_MIN_S = 0.001
 GATHER_GAP_S = 0.001
+# When a job ends, the next step of the others waits this share of the gather window for a request to
+# take its place: a client that sends its next request at once, or the orchestrator dispatching a
+# queued job to the freed slot, joins the next pass instead of waiting a whole one.
+REPLACE_SHARE = 0.25
 
 
 def gather_window(prefill_s: float, share: float) -> float:
@@ -128,13 +135,14 @@ class DecodeLoop:
         active: deque[_Entry] = deque()
         newcomers: list[_Entry] = []  # arrived, first step not taken yet
         try:
+            waiting: list[_Entry | None] = []  # came while the running jobs waited for them
             while True:
+                arrived, waiting = waiting, []
                 if active:
-                    arrived = []
                     if self._admitting:
                         self._quiet.wait(self._admission_wait_s)
                 else:
-                    arrived = [self._incoming.get()]
+                    arrived = arrived or [self._incoming.get()]
                     arrived += self._gather(gather_window(self.prefill_s, self._gather_share))
                 arrived += self._drain()
                 newcomers = [entry for entry in arrived if entry is not None]
@@ -149,8 +157,10 @@ class DecodeLoop:
                         self._turn(entry, active)
                     self.prefill_s = time.perf_counter() - started
                 newcomers = []
-                if running:
-                    self._turn(active.popleft(), active)
+                if running and not self._turn(active.popleft(), active):
+                    # A job ended: its client (or the orchestrator's queue) may send the next one.
+                    window = gather_window(self.prefill_s, self._gather_share) * REPLACE_SHARE
+                    waiting = self._await_one(window)
         finally:
             for generation, on_exit in [*newcomers, *active]:
                 generation.abandon()
@@ -181,6 +191,19 @@ class DecodeLoop:
             quiet_from = min(deadline, now + gap)
         return entries
 
+    def _await_one(self, window_s: float) -> list[_Entry | None]:
+        """The first request to arrive within ``window_s`` (waiting for one being admitted), if any."""
+        deadline = time.monotonic() + window_s
+        while (left := deadline - time.monotonic()) > 0:
+            if self._admitting:
+                self._quiet.wait(left)
+            try:
+                return [self._incoming.get(timeout=max(0.0, deadline - time.monotonic()))]
+            except queue.Empty:
+                if not self._admitting:
+                    return []
+        return []
+
     def _drain(self) -> list[_Entry | None]:
         entries: list[_Entry | None] = []
         while True:
@@ -198,7 +221,8 @@ class DecodeLoop:
             log.exception("could not batch the prefill of %d job(s)", len(newcomers))
 
     @staticmethod
-    def _turn(entry: _Entry, active: deque[_Entry]) -> None:
+    def _turn(entry: _Entry, active: deque[_Entry]) -> bool:
+        """One step of a job: True if it goes on, False once it ended (``on_exit`` was called)."""
         generation, on_exit = entry
         try:
             alive = generation.step()
@@ -210,6 +234,7 @@ class DecodeLoop:
             active.append(entry)
         else:
             _call(on_exit)
+        return alive
 
 
 def lower_thread_priority(steps: int) -> None:
