@@ -13,16 +13,13 @@ While the event loop admits a request (``admitting()``), the running jobs' next 
 tug of war over the GIL with a decode step, which then took 10-15 ms instead of 2.5, and a request
 in admission joins the newcomers' batch rather than waiting for the next one.
 
-On a GPU a prefill pass costs about the same for one prompt as for sixteen (tens of milliseconds
-for a 30-layer model, mostly launching its kernels), so an idle worker that receives a request
-waits a moment for others arriving with it (``gather_share``: a share of the last prefill's time,
-see ``gather_window``): a burst that reaches it spread over a few milliseconds (through an
-orchestrator, say) is one prefill, instead of one for the first request and a second, a whole pass
-later, for the rest. A lone request waits only ``GATHER_GAP_S`` for a second one. Likewise when a
-job ends, the running jobs wait a quarter of that window for a request to take its place (one sent
-as soon as the last ended, or dispatched from the orchestrator's queue to the freed slot), which
-then joins the next pass instead of waiting for one more. On a CPU the prefill's cost grows with
-its tokens, so there is nothing to win (share 0: no wait).
+On a GPU a pass costs about the same for one row as for sixteen (tens of milliseconds for a
+30-layer model, mostly launching its kernels). There, when a job ends, the running jobs' next step
+waits a moment (``refill_share`` of the last prefill's time, see ``refill_window``) for a request to
+take its slot: a client that sends its next request as soon as the last ended, or the orchestrator
+dispatching a queued job to the freed slot, reaches the worker a millisecond or two later, and
+would otherwise wait for the whole next pass before its prefill. On a CPU a pass's cost grows with
+its rows, so the share is 0 there: no wait.
 
 The thread runs ``nice`` steps below the worker's other threads (Linux, where each thread has its
 own nice value): when the event loop wakes up to admit a request or write a token, the kernel gives
@@ -56,23 +53,17 @@ log = logging.getLogger(__name__)
 
 # The longest a step of the running jobs waits for requests being admitted (one takes ~0.3 ms).
 ADMISSION_WAIT_S = 0.005
-# A burst reaching an idle worker is gathered for at most GATHER_CAP_S and ``gather_share`` of a
-# prefill's time, not at all when that comes to less than GATHER_MIN_S. A first request waits
-# GATHER_GAP_S for a second; after that the burst is over once none came for a quarter of the window.
-GATHER_CAP_S = 0.020
-GATHER_MIN_S = 0.001
-GATHER_GAP_S = 0.001
-# When a job ends, the next step of the others waits this share of the gather window for a request to
-# take its place: a client that sends its next request at once, or the orchestrator dispatching a
-# queued job to the freed slot, joins the next pass instead of waiting a whole one.
-REPLACE_SHARE = 0.25
+# When a job ends, the others' next step waits for the request that takes its place for at most
+# ``refill_share`` of the last prefill's time and REFILL_CAP_S, and not at all under REFILL_MIN_S.
+REFILL_CAP_S = 0.005
+REFILL_MIN_S = 0.0005
 
 
-def gather_window(prefill_s: float, share: float) -> float:
-    """How long an idle worker may wait for more requests after one arrives, given what its last
-    prefill took: 0 where that would be under a millisecond."""
-    window = min(GATHER_CAP_S, share * prefill_s)
-    return window if window >= GATHER_MIN_S else 0.0
+def refill_window(prefill_s: float, share: float) -> float:
+    """How long the running jobs may wait, when one of them ends, for a request to take its slot,
+    given what the last prefill took: 0 where that would be under half a millisecond."""
+    window = min(REFILL_CAP_S, share * prefill_s)
+    return window if window >= REFILL_MIN_S else 0.0
 
 
 OnExit = Callable[[], None]
@@ -86,13 +77,13 @@ class DecodeLoop:
         nice: int = 0,
         admission_wait_s: float = ADMISSION_WAIT_S,
         prefill_tokens: int = 0,
-        gather_share: float = 0.0,
+        refill_share: float = 0.0,
     ) -> None:
         self._name = name
         self._nice = nice
         self._prefill_tokens = prefill_tokens
         self._admission_wait_s = admission_wait_s
-        self._gather_share = gather_share
+        self._refill_share = refill_share
         self._incoming: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -143,7 +134,6 @@ class DecodeLoop:
                         self._quiet.wait(self._admission_wait_s)
                 else:
                     arrived = arrived or [self._incoming.get()]
-                    arrived += self._gather(gather_window(self.prefill_s, self._gather_share))
                 arrived += self._drain()
                 newcomers = [entry for entry in arrived if entry is not None]
                 if len(newcomers) < len(arrived):  # stop() was called
@@ -159,37 +149,11 @@ class DecodeLoop:
                 newcomers = []
                 if running and not self._turn(active.popleft(), active):
                     # A job ended: its client (or the orchestrator's queue) may send the next one.
-                    window = gather_window(self.prefill_s, self._gather_share) * REPLACE_SHARE
-                    waiting = self._await_one(window)
+                    waiting = self._await_one(refill_window(self.prefill_s, self._refill_share))
         finally:
             for generation, on_exit in [*newcomers, *active]:
                 generation.abandon()
                 _call(on_exit)
-
-    def _gather(self, window_s: float) -> list[_Entry | None]:
-        """The requests that arrive within ``window_s`` of now while they keep coming (a request
-        being admitted counts as coming); none, and no wait, for a window of 0."""
-        entries: list[_Entry | None] = []
-        now = time.monotonic()
-        deadline = now + window_s
-        gap = GATHER_GAP_S  # for the second request; once it came, a burst is under way
-        quiet_from = min(deadline, now + gap)
-        while now < quiet_from:
-            if self._admitting:
-                self._quiet.wait(deadline - now)
-            try:
-                entry = self._incoming.get(timeout=max(0.0, quiet_from - time.monotonic()))
-            except queue.Empty:
-                if not self._admitting:
-                    break
-            else:
-                entries.append(entry)
-                if entry is None:  # stop() was called
-                    break
-                gap = max(GATHER_GAP_S, window_s / 4)
-            now = time.monotonic()
-            quiet_from = min(deadline, now + gap)
-        return entries
 
     def _await_one(self, window_s: float) -> list[_Entry | None]:
         """The first request to arrive within ``window_s`` (waiting for one being admitted), if any."""

@@ -67,7 +67,7 @@ class WorkerRuntime:
         self._decoder = DecodeLoop(
             nice=settings.decode_nice,
             prefill_tokens=settings.prefill_batch_tokens,
-            gather_share=settings.gather_share,
+            refill_share=settings.refill_share,
         )
         self._background: set[asyncio.Task[bool]] = set()
 

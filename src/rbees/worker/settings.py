@@ -41,7 +41,7 @@ class WorkerSettings(BaseModel):
     threads: int | None = Field(default=None, ge=1, le=1024)
     decode_nice: int = Field(default=5, ge=0, le=19)
     prefill_batch_tokens: int = Field(default=4096, ge=0, le=1_000_000)
-    prefill_gather: float | None = Field(default=None, ge=0, le=1)
+    refill_wait: float | None = Field(default=None, ge=0, le=1)
     drain_timeout_s: float = Field(default=10.0, ge=0, le=3600)
     cache_dir: Path | None = None
 
@@ -55,12 +55,12 @@ class WorkerSettings(BaseModel):
             return False
 
     @property
-    def gather_share(self) -> float:
-        """``--prefill-gather``, else 0.5 on a GPU (a prefill pass costs about the same for one
-        prompt or many) and 0 on a CPU (its cost grows with the tokens: nothing to gather for)."""
-        if self.prefill_gather is not None:
-            return self.prefill_gather
-        return 0.0 if self.backend is Backend.CPU else 0.5
+    def refill_share(self) -> float:
+        """``--refill-wait``, else 0.125 on a GPU (a pass costs about the same for one row or many,
+        so a request that joins the next pass is worth a few milliseconds) and 0 on a CPU."""
+        if self.refill_wait is not None:
+            return self.refill_wait
+        return 0.0 if self.backend is Backend.CPU else 0.125
 
     @property
     def uri(self) -> str:
@@ -116,12 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(0: each on its own; default 4096)",
     )
     p.add_argument(
-        "--prefill-gather",
+        "--refill-wait",
         type=float,
         metavar="F",
-        help="an idle worker that receives a request waits for others arriving with it (a burst) for "
-        "up to F times its last prefill's time, 20 ms at most, to prefill them together "
-        "(default 0.5 on a GPU, 0 on a CPU)",
+        help="when a job ends, the running jobs wait up to F times the last prefill's time (5 ms at most) "
+        "for a request to take its slot, so it joins the next pass (default 0.125 on a GPU, 0 on a CPU)",
     )
     p.add_argument(
         "--drain-timeout", type=float, default=10.0, help="seconds running jobs get to finish on SIGTERM"
@@ -155,7 +154,7 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str] = 
         threads=args.threads,
         decode_nice=args.decode_nice,
         prefill_batch_tokens=args.prefill_batch_tokens,
-        prefill_gather=args.prefill_gather,
+        refill_wait=args.refill_wait,
         drain_timeout_s=args.drain_timeout,
         cache_dir=cache_dir,
     )
