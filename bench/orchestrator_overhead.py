@@ -22,6 +22,12 @@ last. With --spawn-model it also prints the orchestrator's own CPU time per job 
 the other CPUs: the deployment rbees is built for, where workers sit on their own (GPU) machines and
 the orchestrator does not take CPU time from decoding. Without it all three share every CPU, and on a
 small machine the orchestrator's CPU time for relaying shows up as the worker's lost tokens/s.
+
+--emulate-pass-ms MS (spawn mode) makes every forward pass of the worker's model take MS longer,
+busy holding the GIL (``bench/slow_pass_worker.py``): a GPU's launch-bound pass, whose cost hardly
+depends on its rows, on a CPU; for the effects of when a request arrives within a pass. The worker
+still runs on its cpu backend, so pass the GPU defaults it should use, e.g.
+``--worker-args "--refill-wait 0.125"``.
 """
 
 from __future__ import annotations
@@ -333,9 +339,13 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
         args.orcd_pid = procs[0].pid
         log = (tmp / "worker.log").open("wb")
         pin = ["taskset", "-c", ",".join(map(str, sorted(worker_cpus)))] if worker_cpus else []
+        workerd = [str(BIN / "rbees-workerd")]
+        if args.emulate_pass_ms:
+            workerd = [sys.executable, str(Path(__file__).with_name("slow_pass_worker.py"))]
+            env["RBEES_BENCH_PASS_MS"] = str(args.emulate_pass_ms)
         procs.append(
             subprocess.Popen(
-                [*pin, str(BIN / "rbees-workerd"), "--worker-id", "bench-worker",
+                [*pin, *workerd, "--worker-id", "bench-worker",
                  "--model", str(args.spawn_model),
                  "--model-id", args.model, "--port", str(w_port), "--slots", str(args.slots),
                  "--threads", str(args.threads),
@@ -404,6 +414,13 @@ def main() -> int:
     ap.add_argument("--worker-args", default="", help="extra rbees-workerd arguments (spawn mode)")
     ap.add_argument(
         "--pin", action="store_true", help="spawn mode: the worker gets CPU 0, the rest get the others"
+    )
+    ap.add_argument(
+        "--emulate-pass-ms",
+        type=float,
+        default=0,
+        metavar="MS",
+        help="spawn mode: every forward pass of the worker's model takes MS longer (a GPU-like pass)",
     )
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = ap.parse_args()
