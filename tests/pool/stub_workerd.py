@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--pool")
     p.add_argument("--slots", type=int, default=1)
     p.add_argument("--threads", type=int)
+    p.add_argument("--prefill-batch-tokens", type=int)
+    p.add_argument("--refill-wait", type=float)
     args = p.parse_args()
     mode = os.environ.get("STUB_MODE", "ok")
     if os.environ.get("STUB_CALLS"):

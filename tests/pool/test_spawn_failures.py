@@ -97,6 +97,16 @@ def test_preflight_refusals_start_nothing(
     assert list((pool_home / "logs").glob("*.log")) == []
 
 
+@pytest.mark.parametrize(
+    "args", [["--refill-wait", "2"], ["--refill-wait", "-0.5"], ["--prefill-batch-tokens", "-1"]]
+)
+def test_worker_tuning_out_of_range_is_a_usage_error(tiny: str, pool_home: Path, args: list[str]) -> None:
+    done = rbees_pool("worker", "spawn", "cpu", "--model", tiny, *args, env=stub_env())
+    assert done.returncode == 2, done.stderr
+    assert f"Invalid value for '{args[0]}'" in done.stderr
+    assert records(pool_home) == []
+
+
 def test_not_enough_memory(pool_home: Path, tmp_path: Path, tiny_llama: Path) -> None:
     huge = tmp_path / "huge"
     huge.mkdir()
@@ -331,6 +341,7 @@ def test_a_remote_orchestrator_gets_the_worker_on_a_reachable_address(
     url = f"http://{_lan_address()}:{orchestrator.port}"
     record = spawn_stub(
         "ok", "--orchestrator", url, "--advertise-host", "pool.example", "--slots", "3",
+        "--prefill-batch-tokens", "2048", "--refill-wait", "0.25",
         env={"STUB_CALLS": str(calls), "RBEES_ORCHESTRATOR_TOKEN": "orch-secret", "RBEES_POOL_NAME": "p1"},
     )  # fmt: skip
     (call,) = [json.loads(line) for line in calls.read_text().splitlines()]
@@ -351,6 +362,7 @@ def test_a_remote_orchestrator_gets_the_worker_on_a_reachable_address(
     assert arg("--model-id") == ["tiny"]
     assert arg("--pool") == ["p1"]
     assert arg("--slots") == ["3"]
+    assert (arg("--prefill-batch-tokens"), arg("--refill-wait")) == (["2048"], ["0.25"])
     assert arg("--model") == [str(pool_home / "models" / "tiny")]
 
     (auth, body) = orchestrator.registrations[0]

@@ -195,6 +195,13 @@ def worker_spawn(
         str | None, typer.Option("--bind", help="Address the worker listens on (rbees-pool --host).")
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", min=1, help="torch CPU threads.")] = None,
+    prefill_batch_tokens: Annotated[
+        int | None, typer.Option("--prefill-batch-tokens", min=0, help="Padded tokens per batched prefill.")
+    ] = None,
+    refill_wait: Annotated[
+        float | None,
+        typer.Option("--refill-wait", min=0, max=1, help="Share of a prefill's time to wait for a refill."),
+    ] = None,
     skip_memory_check: Annotated[
         bool, typer.Option("--skip-memory-check", help="Start even if free memory looks too small.")
     ] = False,
@@ -214,6 +221,7 @@ def worker_spawn(
     args += _opt("--orchestrator", orchestrator) + _opt("--orchestrator-token", orchestrator_token)
     args += _opt("--advertise-host", advertise_host) + _opt("--host", bind) + _opt("--timeout", ready_timeout)
     args += _opt("--threads", threads) + (["--skip-memory-check"] if skip_memory_check else [])
+    args += _opt("--prefill-batch-tokens", prefill_batch_tokens) + _opt("--refill-wait", refill_wait)
     opts = HostOptions.of(host, all_, inventory, connect_timeout, max_time)
     _pool(opts, args, listing=Listing.SPAWNED if json_out else None, json_out=json_out)
 

@@ -264,6 +264,26 @@ def worker_spawn(
     threads: Annotated[
         int | None, typer.Option("--threads", metavar="N", min=1, help="torch CPU threads.")
     ] = None,
+    prefill_batch_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--prefill-batch-tokens",
+            metavar="N",
+            min=0,
+            help="Padded tokens one batched prefill may take (rbees-workerd's default 4096; 0: off).",
+        ),
+    ] = None,
+    refill_wait: Annotated[
+        float | None,
+        typer.Option(
+            "--refill-wait",
+            metavar="F",
+            min=0,
+            max=1,
+            help="Share of a prefill's time the running jobs wait for a request to take an ended "
+            "job's slot (rbees-workerd's default: 0.125 on a GPU, 0 on a CPU).",
+        ),
+    ] = None,
     orchestrator: Annotated[
         str | None,
         typer.Option(
@@ -325,6 +345,8 @@ def worker_spawn(
         port=port,
         slots=slots,
         threads=threads,
+        prefill_batch_tokens=prefill_batch_tokens,
+        refill_wait=refill_wait,
         host=host,
         orchestrator=orchestrator or settings.orchestrator,
         orchestrator_token=orchestrator_token or settings.orchestrator_token,

@@ -47,6 +47,8 @@ class SpawnRequest:
     port: int | None = None
     slots: int | None = None
     threads: int | None = None
+    prefill_batch_tokens: int | None = None
+    refill_wait: float | None = None
     host: str | None = None
     orchestrator: str | None = None
     orchestrator_token: str | None = None
@@ -168,7 +170,13 @@ def _worker_command(
     ]  # fmt: skip
     if req.orchestrator:
         cmd += ["--callback-url", req.orchestrator.rstrip("/") + "/v2/workers/register"]
-    for flag, value in (("--gpu", record.gpu), ("--slots", req.slots), ("--threads", req.threads)):
+    for flag, value in (
+        ("--gpu", record.gpu),
+        ("--slots", req.slots),
+        ("--threads", req.threads),
+        ("--prefill-batch-tokens", req.prefill_batch_tokens),
+        ("--refill-wait", req.refill_wait),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     return cmd
