@@ -14,9 +14,9 @@ from typing import Annotated
 import typer
 
 from rbees.pool import render
+from rbees.pool.cli_common import JsonOpt, pool_settings
+from rbees.pool.cli_workers import worker_app
 from rbees.pool.errors import PoolError
-from rbees.pool.settings import PoolSettings, load_settings
-from rbees.protocol import Backend
 
 EXIT_CODES = """Exit codes: 0 ok, 1 failed, 2 invalid input, 3 unknown model or worker, 4 conflict
 (duplicate id, port taken), 5 preflight refused, 6 download incomplete, 7 worker never became ready,
@@ -39,13 +39,8 @@ models_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
 )
-worker_app = typer.Typer(
-    help="Workers on this machine: spawn, list, stop.", no_args_is_help=True, rich_markup_mode=None
-)
 app.add_typer(models_app, name="models")
 app.add_typer(worker_app, name="worker")
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of a table.")]
 
 
 @app.callback()
@@ -64,12 +59,6 @@ def _root(
     ctx.obj = env
 
 
-def _settings(ctx: typer.Context) -> PoolSettings:
-    root = ctx.find_root()
-    env = root.obj if isinstance(root.obj, dict) else dict(os.environ)
-    return load_settings(env)
-
-
 # ---------------------------------------------------------------- status
 
 
@@ -78,7 +67,7 @@ def status_cmd(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Hostname, backends, GPUs (NVML), Apple MPS, CPU and RAM, workers and models."""
     from rbees.pool.status import pool_status
 
-    data, views = pool_status(_settings(ctx))
+    data, views = pool_status(pool_settings(ctx))
     if as_json:
         render.print_json(data)
         return
@@ -137,7 +126,7 @@ def models_register(
     from rbees.pool.models import register_model
 
     entry = register_model(
-        _settings(ctx),
+        pool_settings(ctx),
         model_id=model_id,
         name=name,
         repo=repo,
@@ -178,7 +167,7 @@ def models_download(
     """
     from rbees.pool.models import download_model
 
-    settings = _settings(ctx)
+    settings = pool_settings(ctx)
     try:
         with render.DownloadBar(model_id) as bar:
             entry, fetched = download_model(
@@ -200,7 +189,7 @@ def models_catalog(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Every model in the catalog, downloaded or not."""
     from rbees.pool.catalog import Catalog
 
-    entries = Catalog(_settings(ctx)).entries()
+    entries = Catalog(pool_settings(ctx)).entries()
     if as_json:
         render.print_json([e.model_dump(mode="json", exclude_none=True) for e in entries])
     else:
@@ -212,7 +201,7 @@ def models_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Downloaded models only."""
     from rbees.pool.catalog import Catalog
 
-    settings = _settings(ctx)
+    settings = pool_settings(ctx)
     entries = [e for e in Catalog(settings).entries() if e.downloaded]
     if as_json:
         render.print_json([e.model_dump(mode="json", exclude_none=True) for e in entries])
@@ -230,210 +219,9 @@ def models_unregister(
     """Remove a model from the catalog. Its files are kept."""
     from rbees.pool.models import unregister_model
 
-    entry, path = unregister_model(_settings(ctx), model_id)
+    entry, path = unregister_model(pool_settings(ctx), model_id)
     kept = f"; its files are kept in {path}" if path.exists() else ""
     render.say(f"unregistered {entry.id}{kept}")
-
-
-# ---------------------------------------------------------------- workers
-
-
-@worker_app.command("spawn")
-def worker_spawn(
-    ctx: typer.Context,
-    backend: Annotated[
-        Backend, typer.Argument(help="Where the model runs.", metavar="BACKEND", show_default=False)
-    ],
-    model: Annotated[
-        str,
-        typer.Option("--model", metavar="ID", help="Catalog id of a downloaded model.", show_default=False),
-    ],
-    gpu: Annotated[
-        int | None, typer.Option("--gpu", metavar="N", min=0, help="GPU index (cuda, metal; default 0).")
-    ] = None,
-    port: Annotated[
-        int | None,
-        typer.Option(
-            "--port", metavar="P", min=1, max=65535, help="Port (default: the first free one from 8001)."
-        ),
-    ] = None,
-    slots: Annotated[
-        int | None,
-        typer.Option("--slots", metavar="N", min=1, max=1024, help="Concurrent jobs the worker accepts."),
-    ] = None,
-    threads: Annotated[
-        int | None, typer.Option("--threads", metavar="N", min=1, help="torch CPU threads.")
-    ] = None,
-    prefill_batch_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--prefill-batch-tokens",
-            metavar="N",
-            min=0,
-            help="Padded tokens one batched prefill may take (rbees-workerd's default 4096; 0: off).",
-        ),
-    ] = None,
-    refill_wait: Annotated[
-        float | None,
-        typer.Option(
-            "--refill-wait",
-            metavar="F",
-            min=0,
-            max=1,
-            help="Share of a prefill's time the running jobs wait for a request to take an ended "
-            "job's slot (rbees-workerd's default: 0.125 on a GPU, 0 on a CPU).",
-        ),
-    ] = None,
-    orchestrator: Annotated[
-        str | None,
-        typer.Option(
-            "--orchestrator",
-            metavar="URL",
-            help="Also register the worker with this orchestrator "
-            "(default: $RBEES_ORCHESTRATOR or pool.toml).",
-            show_default=False,
-        ),
-    ] = None,
-    orchestrator_token: Annotated[
-        str | None,
-        typer.Option(
-            "--orchestrator-token",
-            metavar="T",
-            help="Registration token for the orchestrator (better: $RBEES_ORCHESTRATOR_TOKEN).",
-            show_default=False,
-        ),
-    ] = None,
-    advertise_host: Annotated[
-        str | None,
-        typer.Option(
-            "--advertise-host",
-            metavar="H",
-            help="Host name the orchestrator reaches the worker at (default: this host's name).",
-            show_default=False,
-        ),
-    ] = None,
-    host: Annotated[
-        str | None,
-        typer.Option(
-            "--host",
-            metavar="BIND",
-            help="Address to bind (default 127.0.0.1; 0.0.0.0 with a remote orchestrator).",
-            show_default=False,
-        ),
-    ] = None,
-    timeout: Annotated[
-        float, typer.Option("--timeout", metavar="S", min=1, help="Seconds to wait for the model to load.")
-    ] = 300,
-    skip_memory_check: Annotated[
-        bool, typer.Option("--skip-memory-check", help="Start even if free memory looks too small.")
-    ] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Start a worker for a downloaded model and wait until it is ready.
-
-    Preflight first (model downloaded, backend present, free memory); then a free port, a
-    per-worker token, rbees-workerd detached with its log in logs/<id>.log. On failure the
-    worker is killed, no record is left, and the log's tail is shown.
-    """
-    from rbees.pool.spawn import SpawnRequest, orchestrator_knows, spawn_worker
-
-    settings = _settings(ctx)
-    req = SpawnRequest(
-        backend=backend,
-        model_id=model,
-        gpu=gpu,
-        port=port,
-        slots=slots,
-        threads=threads,
-        prefill_batch_tokens=prefill_batch_tokens,
-        refill_wait=refill_wait,
-        host=host,
-        orchestrator=orchestrator or settings.orchestrator,
-        orchestrator_token=orchestrator_token or settings.orchestrator_token,
-        advertise_host=advertise_host,
-        timeout=timeout,
-        check_memory=not skip_memory_check,
-    )
-    try:
-        with render.Spinner("spawning") as spinner:
-            record = spawn_worker(settings, req, status=spinner.update)
-    except KeyboardInterrupt:
-        render.say("interrupted: the worker was stopped and no record kept")
-        raise typer.Exit(130) from None
-    if orchestrator_knows(record) is False:
-        render.say(
-            f"warning: {record.orchestrator} does not list {record.worker_id}; "
-            f"the worker's log says why: {record.log_path}"
-        )
-    if as_json:
-        render.print_json(record.public())
-        return
-    render.say(f"worker {record.worker_id} is ready at {record.uri}")
-    fields = {"worker_id": record.worker_id, "port": record.port, "pid": record.pid, "uri": record.uri}
-    sys.stdout.write("".join(f"{k:<10} {v}\n" for k, v in fields.items()))
-
-
-@worker_app.command("list")
-def worker_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Workers of this pool with their live status (Running, Loading, Unhealthy, Dead)."""
-    from rbees.pool.workers import list_workers
-
-    views = list_workers(_settings(ctx))
-    if as_json:
-        render.print_json([v.public() for v in views])
-    else:
-        render.out().print(render.workers_table(views))
-
-
-StopTimeout = Annotated[
-    float, typer.Option("--timeout", metavar="S", min=0, help="Seconds of grace before SIGKILL.")
-]
-
-
-@worker_app.command("stop")
-def worker_stop(
-    ctx: typer.Context,
-    worker_id: Annotated[
-        str, typer.Argument(help="Worker id (see `worker list`).", metavar="ID", show_default=False)
-    ],
-    timeout: StopTimeout = 30,
-) -> None:
-    """Stop one worker: SIGTERM, wait, SIGKILL after the timeout; remove its record."""
-    from rbees.pool.stop import stop_worker
-
-    _report_stop(stop_worker(_settings(ctx), worker_id, grace=timeout))
-
-
-@worker_app.command("stop-all")
-def worker_stop_all(ctx: typer.Context, timeout: StopTimeout = 30) -> None:
-    """Stop every worker of this pool."""
-    from rbees.pool.stop import stop_all
-
-    results = stop_all(_settings(ctx), grace=timeout)
-    failed = [r for r in results if isinstance(r, PoolError)]
-    for r in results:
-        if isinstance(r, PoolError):
-            render.say(f"error: {r.message}")
-        else:
-            _report_stop(r)
-    if not results:
-        render.say("no workers")
-    if failed:
-        raise typer.Exit(failed[0].exit_code)
-
-
-@worker_app.command("prune")
-def worker_prune(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Remove the records of workers whose process is gone."""
-    from rbees.pool.workers import prune_workers
-
-    pruned = prune_workers(_settings(ctx))
-    if as_json:
-        render.print_json([r.public() for r in pruned])
-        return
-    for r in pruned:
-        render.say(f"pruned {r.worker_id} (port {r.port}, pid {r.pid})")
-    render.say(f"{len(pruned)} dead worker record(s) removed")
 
 
 # ---------------------------------------------------------------- daemon
@@ -469,23 +257,9 @@ def serve_cmd(
     """
     from rbees.pool.daemon import DaemonSettings, serve
 
-    settings = DaemonSettings(pool=_settings(ctx), host=host, port=port, token=token)
+    settings = DaemonSettings(pool=pool_settings(ctx), host=host, port=port, token=token)
     serve(settings, say=render.say)
     render.say("pool manager stopped")
-
-
-def _report_stop(result: object) -> None:
-    from rbees.pool.stop import StopResult
-
-    if not isinstance(result, StopResult):
-        return
-    how = "killed after the grace period" if result.killed else "stopped"
-    what = how if result.was_running else "was not running; record removed"
-    render.say(f"{result.worker_id}: {what}")
-    if not result.port_released:
-        render.say(f"warning: port {result.port} is still in use by another process")
-    if result.deregistered is False:
-        render.say("warning: could not deregister it from the orchestrator")
 
 
 def _interrupt(signum: int, frame: object) -> None:
