@@ -48,7 +48,20 @@ def test_infer_json_prints_every_event_with_its_id(cluster: Cluster) -> None:
 
 def test_infer_direct_to_a_worker(cluster: Cluster) -> None:
     address = cluster.worker_url.removeprefix("http://")
-    ok = rbees(cluster, "infer", "--worker", address, "--token", cluster.worker_token, "-p", "Hi", "-n", "6")
+    ok = rbees(
+        cluster,
+        "infer",
+        "--worker",
+        address,
+        "--token",
+        cluster.worker_token,
+        "-p",
+        "Hi",
+        "-n",
+        "6",
+        "-t",
+        "0",
+    )
     denied = rbees(cluster, "infer", "--worker", address, "-p", "Hi", "-n", "6")
 
     assert ok.exit_code == 0 and ok.stdout.strip() and "tok/s" in ok.stderr
@@ -89,8 +102,10 @@ def test_jobs_submit_status_follow_list(cluster: Cluster) -> None:
 
 
 def test_jobs_cancel(cluster: Cluster) -> None:
-    busy = rbees(cluster, "jobs", "submit", "--prompt", "1 2 3", "-n", "200")
-    queued = rbees(cluster, "jobs", "submit", "--prompt", "1 2 3", "-n", "200", "--priority", "batch")
+    busy = rbees(cluster, "jobs", "submit", "--prompt", "1 2 3", "-n", "200", "-t", "0")
+    queued = rbees(
+        cluster, "jobs", "submit", "--prompt", "1 2 3", "-n", "200", "-t", "0", "--priority", "batch"
+    )
     job_id = queued.stdout.strip()
 
     cancelled = rbees(cluster, "jobs", "cancel", job_id)

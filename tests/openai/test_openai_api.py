@@ -161,7 +161,9 @@ def test_errors_in_openai_shape(oa: openai.OpenAI, openai_cluster: Cluster) -> N
 
 
 def test_closing_a_stream_cancels_its_job(oa: openai.OpenAI, rb: Client) -> None:
-    stream = oa.chat.completions.create(model="tiny", messages=USER, max_tokens=240, stream=True)
+    stream = oa.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=240, temperature=0, stream=True
+    )
     first = next(iter(stream))
     stream.close()
     assert wait_status(rb, job_of(first.id), "cancelled").status == "cancelled"
@@ -188,7 +190,9 @@ def test_client_timeout_cancels_a_waiting_job(oa: openai.OpenAI, rb: Client, ope
 def test_a_job_cancelled_elsewhere_ends_the_stream_with_an_error(
     oa: openai.OpenAI, rb: Client, openai_cluster: Cluster
 ) -> None:
-    stream = oa.chat.completions.create(model="tiny", messages=USER, max_tokens=240, stream=True)
+    stream = oa.chat.completions.create(
+        model="tiny", messages=USER, max_tokens=240, temperature=0, stream=True
+    )
     chunks = iter(stream)
     first = next(chunks)
     # The tiny model makes 240 tokens in about half a second: hold the worker while the cancel goes

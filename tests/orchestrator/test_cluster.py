@@ -75,8 +75,12 @@ def worker_idle(worker: Worker) -> bool:
 async def test_jobs_are_routed_by_model(cluster: Cluster) -> None:
     async with aiohttp.ClientSession() as s:
         llama, qwen = await asyncio.gather(
-            stream_task(s, cluster.orcd, {"model": LLAMA, "prompt": "Hello", "max_tokens": 8, "temperature": 0.0}),
-            stream_task(s, cluster.orcd, {"model": QWEN, "prompt": "Hello", "max_tokens": 8, "temperature": 0.0}),
+            stream_task(
+                s, cluster.orcd, {"model": LLAMA, "prompt": "Hello", "max_tokens": 8, "temperature": 0.0}
+            ),
+            stream_task(
+                s, cluster.orcd, {"model": QWEN, "prompt": "Hello", "max_tokens": 8, "temperature": 0.0}
+            ),
         )
     for events, model, worker in ((llama, LLAMA, "w-llama"), (qwen, QWEN, "w-qwen")):
         check_event_log(events)

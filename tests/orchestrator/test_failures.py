@@ -70,7 +70,9 @@ async def test_worker_killed_before_the_job_reaches_it_is_retried_elsewhere(setu
     setup.victim.proc.wait(10)
     assert setup.orcd.workers()["a-victim"]["schedulable"]  # nobody has noticed yet
     async with aiohttp.ClientSession() as s:
-        events = await stream_task(s, setup.orcd, {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "temperature": 0.0})
+        events = await stream_task(
+            s, setup.orcd, {"model": MODEL, "prompt": "Hello", "max_tokens": 5, "temperature": 0.0}
+        )
     check_event_log(events)
     assert [e.type for e in events[:2]] == ["queued", "started"]
     assert [e.type for e in events].count("started") == 1

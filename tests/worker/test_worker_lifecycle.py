@@ -127,11 +127,13 @@ def test_worker_life_loading_callback_auth_and_sigterm_drain(
         assert worker.proc.poll() is None
 
         # SIGTERM: the running job still ends on its own (not cancelled), then exit 0.
-        with EventStream(worker, {"job_id": "drain-1", "prompt": "Once", "max_tokens": 120}) as stream:
+        with EventStream(
+            worker, {"job_id": "drain-1", "prompt": "Once", "max_tokens": 120, "temperature": 0}
+        ) as stream:
             events = iter(stream)
             assert next(events)["type"] == "started"
             worker.proc.signal(signal.SIGTERM)
             end = terminal(list(events))
-        assert end["stop_reason"] in ("MAX_TOKENS", "EOS")
+        assert end["stop_reason"] == "MAX_TOKENS"  # greedy: no early EOS on the tiny model
         assert worker.proc.wait(30) == 0
         assert "retry" in worker.proc.log_text()
