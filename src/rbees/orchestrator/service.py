@@ -30,9 +30,10 @@ from rbees.orchestrator import dispatcher
 from rbees.orchestrator.admission import admit
 from rbees.orchestrator.attempt import Outcome, Result, start_attempt
 from rbees.orchestrator.fleet import Fleet, WorkerInfo
+from rbees.orchestrator.gauges import register_gauges
 from rbees.orchestrator.health_poller import HealthPoller, HealthRules, Probe
 from rbees.orchestrator.jobs import EventLog, Job, JobState, TaskInfo, task_info
-from rbees.orchestrator.metrics import Labels, Metrics
+from rbees.orchestrator.metrics import Metrics
 from rbees.orchestrator.policy_script import load_policy_script
 from rbees.orchestrator.queue import JobQueue
 from rbees.orchestrator.registry import JobRecord, JobWriter, Registry
@@ -106,7 +107,7 @@ class JobService:
         self.script = load_policy_script(
             settings.policy_script, settings.policy_script_timeout_ms, settings.policy.value
         )
-        self._register_gauges()
+        register_gauges(self.metrics, self.queue, self._active, self.fleet)
 
     @classmethod
     async def open(cls, settings: OrchestratorSettings) -> JobService:
@@ -473,29 +474,3 @@ class JobService:
                 break
             self._finished.popitem(last=False)
             self._jobs.pop(job_id, None)
-
-    # --- metrics ------------------------------------------------------------------------------------
-
-    def _register_gauges(self) -> None:
-        m = self.metrics
-
-        def queue_depth() -> dict[Labels, float]:
-            return {(("priority", p.value),): float(self.queue.depth(p)) for p in self.queue.priorities}
-
-        def running() -> dict[Labels, float]:
-            return {(): float(sum(1 for j in self._active.values() if j.state is JobState.RUNNING))}
-
-        def workers() -> dict[Labels, float]:
-            out: dict[Labels, float] = {}
-            for e in self.fleet.entries.values():
-                key: Labels = (("status", e.status),)
-                out[key] = out.get(key, 0.0) + 1
-            return out
-
-        def slots() -> dict[Labels, float]:
-            return {(("worker", e.reg.worker_id),): float(e.inflight) for e in self.fleet.entries.values()}
-
-        m.gauge("queue_depth", "Jobs waiting, by priority.", queue_depth)
-        m.gauge("jobs_running", "Jobs dispatched to a worker and not finished.", running)
-        m.gauge("workers", "Registered workers, by status.", workers)
-        m.gauge("worker_slots_busy", "Slots this orchestrator holds on each worker.", slots)
