@@ -253,6 +253,9 @@ async def compare(
         rate = statistics.mean(s.rates)
         ttft = f"TTFT p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
         print(f"  {name:13s} {ttft}  {rate:8.1f} tok/s  errors {s.errors}")
+        if args.deciles:
+            deciles = " ".join(f"{pct(s.ttft, q) * 1000:.1f}" for q in range(10, 100, 10))
+            print(f"  {'':13s} TTFT p10..p90 ms: {deciles}")
     verdict = "ok" if added50 <= 2.0 and ratio >= 0.95 else "MISSED"
     added = f"added TTFT p50 {added50:+.2f} ms  p99 {added99:+.2f} ms"
     print(f"  {added}  throughput ratio {ratio:.3f}  [{verdict}]")
@@ -421,6 +424,11 @@ def main() -> int:
         default=0,
         metavar="MS",
         help="spawn mode: every forward pass of the worker's model takes MS longer (a GPU-like pass)",
+    )
+    ap.add_argument(
+        "--deciles",
+        action="store_true",
+        help="print each path's TTFT deciles too (on a GPU they show which forward pass requests landed in)",
     )
     ap.add_argument("--strict", action="store_true", help="exit 1 when a goal is missed")
     args = ap.parse_args()
