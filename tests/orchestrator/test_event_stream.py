@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from rbees.orchestrator.event_stream import JobEventsResponse
 from rbees.orchestrator.jobs import EventLog
+from rbees.orchestrator.registry import JobRecord
 from tests.support.procs import free_port
 
 
@@ -179,3 +180,29 @@ async def test_a_reader_that_leaves_is_noticed_and_detached(server: Server) -> N
     await until(lambda: server.gone == ["gone"])
     log.append("token", token(0))
     assert not log._pushers
+
+
+async def test_a_job_known_only_from_its_record_replays_its_end_after_whatever_the_client_saw() -> None:
+    done = JobRecord(
+        "job-1", "tiny", "interactive", "completed", tokens_in=4, tokens_out=9, stop_reason="EOS"
+    )
+    for after, want_id in ((0, 1), (-3, 1), (12, 13)):
+        log = EventLog.replay_of(done, after_id=after)
+        events = [e async for e in log.follow(0)]
+        assert [(e.id, e.type) for e in events] == [(want_id, "end")]
+        assert json.loads(events[0].data) == {
+            "type": "end",
+            "tokens_out": 9,
+            "decode_time_ms": 0,
+            "stop_reason": "EOS",
+            "tokens_in": 4,
+        }
+        assert events[0].frame.startswith(b"id: %d\n" % want_id)
+        assert log.closed and log.append("token", "{}") is None
+    failed = JobRecord("job-2", "tiny", "batch", "failed", error_code="TIMEOUT", error_message="too slow")
+    (event,) = [e async for e in EventLog.replay_of(failed, after_id=5).follow(0)]
+    assert (event.id, json.loads(event.data)["code"], json.loads(event.data)["message"]) == (
+        6,
+        "TIMEOUT",
+        "too slow",
+    )

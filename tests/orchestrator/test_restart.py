@@ -62,6 +62,15 @@ async def test_restart_keeps_the_registry_and_fails_the_job_that_was_running(
             ):
                 replay = [e async for e in sse(r)]
             assert [e.type for e in replay] == ["error"]
+            # A client resuming from the events it saw before the restart still gets the job's end,
+            # numbered after them (the earlier events themselves are gone).
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"{second.url}/v2/tasks/{lost_job}/events", headers={"Last-Event-ID": "7"}) as r,
+            ):
+                resumed = [e async for e in sse(r)]
+            assert [(e.id, e.type) for e in resumed] == [(8, "error")]
+            assert resumed[0].data == replay[0].data
             fresh = second.submit(model=MODEL, prompt="again", max_tokens=4)
             assert fresh.status == 202
             done = second.wait_task(fresh.body["job_id"])

@@ -161,8 +161,14 @@ class EventLog:
             await self._wait()
 
     @classmethod
-    def replay_of(cls, rec: JobRecord) -> EventLog:
-        """The terminal event of a job known only from its durable record (after a restart)."""
+    def replay_of(cls, rec: JobRecord, after_id: int = 0) -> EventLog:
+        """The terminal event of a job known only from its durable record (after a restart, or once
+        it left memory), as the one event of the log.
+
+        Its earlier events are gone, so whatever a client already saw (``after_id``, its
+        ``Last-Event-ID``), it gets the terminal event, numbered ``after_id + 1``: a stream resumed
+        across a restart still learns how its job ended. Follow it from index 0.
+        """
         log = cls()
         if rec.status in (JobState.COMPLETED, JobState.CANCELLED) and rec.stop_reason is not None:
             body: dict[str, Any] = {
@@ -180,7 +186,10 @@ class EventLog:
                 "message": rec.error_message or f"job is {rec.status}",
                 "retriable": False,
             }
-        log.append(body["type"], dumps(body))
+        data = dumps(body)
+        event_id = max(0, after_id) + 1
+        log.events.append(JobEvent(event_id, body["type"], data, sse_frame(event_id, data)))
+        log.closed = True
         return log
 
 

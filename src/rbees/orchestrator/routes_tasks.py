@@ -105,8 +105,8 @@ async def task_events(
     last_event_id: Annotated[str | None, Header()] = None,
     last: Annotated[int | None, Query(alias="last_event_id", ge=0)] = None,
 ) -> Response:
-    log = service(request).event_log(job_id)
-    return JobEventsResponse(log, _last_id(last_event_id, last), headers={"X-Job-Id": job_id})
+    log, start = service(request).event_log(job_id, _last_id(last_event_id, last))
+    return JobEventsResponse(log, start, headers={"X-Job-Id": job_id})
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=TaskInfo)

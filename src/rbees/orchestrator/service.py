@@ -228,12 +228,13 @@ class JobService:
         """The live job (queued, running, or finished and still retained in memory)."""
         return self._jobs.get(job_id)
 
-    def event_log(self, job_id: str) -> EventLog:
-        """A job's events: live, or only its terminal event when it is known from the database alone."""
+    def event_log(self, job_id: str, last_id: int = 0) -> tuple[EventLog, int]:
+        """A job's events and the index to follow them from, for a client that saw up to ``last_id``:
+        the live log, or a job known from the database alone replayed as its terminal event."""
         job = self._jobs.get(job_id)
         if job is not None:
-            return job.log
-        return EventLog.replay_of(self._stored(job_id))
+            return job.log, last_id
+        return EventLog.replay_of(self._stored(job_id), after_id=last_id), 0
 
     def info(self, job_id: str) -> TaskInfo:
         job = self._jobs.get(job_id)
