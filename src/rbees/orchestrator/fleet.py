@@ -53,6 +53,8 @@ class WorkerEntry:
     reported: dict[str, Any] | None = None
     inflight: int = 0
     held: int = 0
+    # When the worker last answered (or was added), on the monotonic clock: how long it has been gone.
+    last_up: float = field(default_factory=time.monotonic)
     pool: str = field(init=False)  # the registration's pool, else the host of its URI
 
     def __post_init__(self) -> None:
@@ -182,6 +184,8 @@ class Fleet:
                 continue
             before, before_free = entry.schedulable, entry.view().slots_free
             entry.health = observe(entry.health, p.error, now, self.rules)
+            if p.error is None:
+                entry.last_up = now
             if p.body is not None:
                 entry.reported = p.body
                 entry.last_seen = wall

@@ -7,14 +7,30 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from rbees.orchestrator.fleet import WorkerInfo
-from rbees.orchestrator.http import require_client, require_operator, require_registration, service
+from rbees.orchestrator.http import (
+    parse_body,
+    require_client,
+    require_operator,
+    require_registration,
+    service,
+)
 from rbees.protocol import WorkerRegistration
 
 router = APIRouter()
 
 
-@router.post("/v2/workers/register", dependencies=[Depends(require_registration)], response_model=WorkerInfo)
-async def register_worker(registration: WorkerRegistration, request: Request) -> WorkerInfo:
+@router.post(
+    "/v2/workers/register",
+    dependencies=[Depends(require_registration)],
+    response_model=WorkerInfo,
+    openapi_extra={
+        "requestBody": {"content": {"application/json": {"schema": WorkerRegistration.model_json_schema()}}}
+    },
+)
+async def register_worker(request: Request) -> WorkerInfo:
+    # The body is read as JSON whatever its content type (``curl -d`` sends a form type), as on
+    # /v2/tasks and the workers' own endpoints.
+    registration = parse_body(WorkerRegistration, await request.body())
     return service(request).register_worker(registration)
 
 

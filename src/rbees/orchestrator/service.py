@@ -27,7 +27,7 @@ from typing import Any
 import aiohttp
 
 from rbees.orchestrator import dispatcher
-from rbees.orchestrator.admission import admit
+from rbees.orchestrator.admission import admit, candidates, no_worker, stranded
 from rbees.orchestrator.attempt import Outcome, Result, start_attempt
 from rbees.orchestrator.fleet import Fleet, WorkerInfo
 from rbees.orchestrator.gauges import register_gauges
@@ -206,7 +206,7 @@ class JobService:
         try:
             if self._closing:
                 raise RbeesError(ErrorCode.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5)
-            admit(request, self.fleet)
+            admit(request, self.fleet, time.monotonic(), self.settings.no_worker_timeout_s)
             job = Job("job-" + secrets.token_hex(12), request, on_done=self._on_done)
             position = self.queue.push(job.id, request.priority)
         except RbeesError as exc:
@@ -465,7 +465,20 @@ class JobService:
                     self.metrics.timeouts.inc(kind=hit.kind)
                     log.info("job %s timed out (%s): %s", job.id, hit.kind, hit.message)
                     job.fail(ErrorCode.TIMEOUT, hit.message, retriable=True)
+            self._fail_stranded(now)
             self._evict(now)
+
+    def _fail_stranded(self, now: float) -> None:
+        """End the jobs still waiting for a worker when none is left that could take them (all gone
+        from the registry, or unreachable for ``no_worker_timeout_s``) instead of at the queue timeout."""
+        gone_after = self.settings.no_worker_timeout_s
+        if gone_after <= 0:
+            return
+        for job in list(self._active.values()):
+            waiting = job.dispatched_at is None and not job.done
+            if waiting and stranded(candidates(job.request, self.fleet), now, gone_after):
+                error = no_worker(job.request, gone_after)
+                job.fail(error.code, error.message, retriable=True)
 
     def _evict(self, now: float) -> None:
         keep, ttl = self.settings.job_retention, self.settings.job_retention_s

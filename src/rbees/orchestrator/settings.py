@@ -64,6 +64,14 @@ class OrchestratorSettings(BaseModel):
     )
 
     queue_timeout_s: float = Field(default=300.0, ge=0, description="longest wait in the queue (0: none)")
+    no_worker_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "a job for a model whose every worker has been unreachable this long is refused with 503 "
+            "NO_WORKER_AVAILABLE, or ended so if queued (0: jobs wait for the queue timeout)"
+        ),
+    )
     first_token_timeout_s: float = Field(
         default=120.0, ge=0, description="longest wait from dispatch to the first token (0: none)"
     )
