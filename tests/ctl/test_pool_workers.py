@@ -14,11 +14,17 @@ from tests.support.procs import get_json
 def test_a_worker_is_spawned_and_stopped_remotely(pool_lab: PoolLab, tiny_llama: Path) -> None:
     reg = pool_lab.rbees(
         "pool", "models", "register", "--host", "a", "--id", "tiny", "--name", "Tiny Llama",
-        "--repo", "test/tiny-llama", "--architecture", "llama",
+        "--repo", "test/tiny-llama", "--architecture", "llama", "--json",
     )  # fmt: skip
     assert reg.returncode == 0, reg.stderr
+    assert json.loads(reg.stdout)["id"] == "tiny"
     got = pool_lab.rbees("pool", "models", "download", "tiny", "--from", str(tiny_llama), "--host", "a")
     assert got.returncode == 0, got.stderr
+    again = pool_lab.rbees(
+        "pool", "models", "download", "tiny", "--from", str(tiny_llama), "--force", "--json", "--host", "a"
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["id"] == "tiny"
     listed = json.loads(pool_lab.rbees("pool", "models", "list", "--host", "a", "--json").stdout)
     assert [m["id"] for m in listed] == ["tiny"]
 
@@ -42,9 +48,25 @@ def test_a_worker_is_spawned_and_stopped_remotely(pool_lab: PoolLab, tiny_llama:
     table = pool_lab.rbees("pool", "worker", "list", "--host", "a")
     assert record["worker_id"] in table.stdout
 
-    stopped = pool_lab.rbees("pool", "worker", "stop", record["worker_id"], "--host", "a")
+    # the worker's token, for calling it directly: it is the one the worker checks
+    token = pool_lab.rbees("pool", "worker", "token", record["worker_id"], "--host", "a")
+    assert token.returncode == 0, token.stderr
+    address = record["uri"].removeprefix("http://")
+    greedy = ["-p", "Hi", "-n", "3", "-t", "0"]
+    direct = pool_lab.rbees("infer", "--worker", address, "--token", token.stdout.strip(), *greedy)
+    assert direct.returncode == 0 and direct.stdout.strip(), direct.stderr
+    denied = pool_lab.rbees("infer", "--worker", address, "--token", "wrong", *greedy)
+    assert denied.returncode == 1 and "UNAUTHORIZED" in denied.stderr
+    unknown = pool_lab.rbees("pool", "worker", "token", "no-such-worker", "--host", "a")
+    assert unknown.returncode != 0 and "unknown worker" in unknown.stderr and unknown.stdout == ""
+
+    stopped = pool_lab.rbees("pool", "worker", "stop", record["worker_id"], "--timeout", "5", "--host", "a")
     assert stopped.returncode == 0, stopped.stderr
     assert (
         not psutil.pid_exists(record["pid"]) or psutil.Process(record["pid"]).status() == psutil.STATUS_ZOMBIE
     )
     assert json.loads(pool_lab.rbees("pool", "worker", "list", "--host", "a", "--json").stdout) == []
+    pruned = pool_lab.rbees("pool", "worker", "prune", "--json", "--host", "a")
+    assert pruned.returncode == 0 and json.loads(pruned.stdout) == []
+    none = pool_lab.rbees("pool", "worker", "stop-all", "--timeout", "1", "--host", "a")
+    assert none.returncode == 0, none.stderr

@@ -94,6 +94,7 @@ def models_register(
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
     host: HostsOpt = None,
     all_: AllOpt = False,
+    json_out: JsonOpt = False,
     inventory: InventoryOpt = None,
     connect_timeout: ConnectTimeoutOpt = None,
     max_time: MaxTimeOpt = None,
@@ -112,7 +113,8 @@ def models_register(
         architecture,
     ]
     args += _opt("--file", file) + _opt("--revision", revision)
-    _pool(HostOptions.of(host, all_, inventory, connect_timeout, max_time), args)
+    opts = HostOptions.of(host, all_, inventory, connect_timeout, max_time)
+    _pool(opts, args, listing=Listing.CATALOG if json_out else None, json_out=json_out)
 
 
 @models_app.command("download")
@@ -121,15 +123,18 @@ def models_download(
     from_: Annotated[
         str | None, typer.Option("--from", help="Copy from this path on the pool instead of the hub.")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Fetch again even if already downloaded.")] = False,
     host: HostsOpt = None,
     all_: AllOpt = False,
+    json_out: JsonOpt = False,
     inventory: InventoryOpt = None,
     connect_timeout: ConnectTimeoutOpt = None,
     max_time: MaxTimeOpt = None,
 ) -> None:
     """Download a registered model on each pool."""
-    args = ["models", "download", model_id, *_opt("--from", from_)]
-    _pool(HostOptions.of(host, all_, inventory, connect_timeout, max_time), args)
+    args = ["models", "download", model_id, *_opt("--from", from_), *(["--force"] if force else [])]
+    opts = HostOptions.of(host, all_, inventory, connect_timeout, max_time)
+    _pool(opts, args, listing=Listing.MODELS if json_out else None, json_out=json_out)
 
 
 @models_app.command("catalog")
@@ -240,9 +245,29 @@ def worker_list(
     _pool(opts, ["worker", "list"], listing=Listing.WORKERS, json_out=json_out)
 
 
+WorkerIdArg = Annotated[str, typer.Argument(help="Worker id (see `rbees pool worker list`).")]
+GraceOpt = Annotated[
+    float | None, typer.Option("--timeout", min=0, help="Seconds of grace before SIGKILL (pool default 30).")
+]
+
+
+@worker_app.command("token")
+def worker_token(
+    worker_id: WorkerIdArg,
+    host: HostsOpt = None,
+    all_: AllOpt = False,
+    inventory: InventoryOpt = None,
+    connect_timeout: ConnectTimeoutOpt = None,
+    max_time: MaxTimeOpt = None,
+) -> None:
+    """Print a worker's bearer token, to call it directly (`rbees infer --worker HOST:PORT --token T`)."""
+    _pool(HostOptions.of(host, all_, inventory, connect_timeout, max_time), ["worker", "token", worker_id])
+
+
 @worker_app.command("stop")
 def worker_stop(
-    worker_id: Annotated[str, typer.Argument(help="Worker id (see `rbees pool worker list`).")],
+    worker_id: WorkerIdArg,
+    timeout: GraceOpt = None,
     host: HostsOpt = None,
     all_: AllOpt = False,
     inventory: InventoryOpt = None,
@@ -250,11 +275,13 @@ def worker_stop(
     max_time: MaxTimeOpt = None,
 ) -> None:
     """Stop one worker (SIGTERM, then SIGKILL after a grace period)."""
-    _pool(HostOptions.of(host, all_, inventory, connect_timeout, max_time), ["worker", "stop", worker_id])
+    args = ["worker", "stop", worker_id, *_opt("--timeout", timeout)]
+    _pool(HostOptions.of(host, all_, inventory, connect_timeout, max_time), args)
 
 
 @worker_app.command("stop-all")
 def worker_stop_all(
+    timeout: GraceOpt = None,
     host: HostsOpt = None,
     all_: AllOpt = False,
     inventory: InventoryOpt = None,
@@ -262,19 +289,22 @@ def worker_stop_all(
     max_time: MaxTimeOpt = None,
 ) -> None:
     """Stop every worker on each pool."""
-    _pool(HostOptions.of(host, all_, inventory, connect_timeout, max_time), ["worker", "stop-all"])
+    args = ["worker", "stop-all", *_opt("--timeout", timeout)]
+    _pool(HostOptions.of(host, all_, inventory, connect_timeout, max_time), args)
 
 
 @worker_app.command("prune")
 def worker_prune(
     host: HostsOpt = None,
     all_: AllOpt = False,
+    json_out: JsonOpt = False,
     inventory: InventoryOpt = None,
     connect_timeout: ConnectTimeoutOpt = None,
     max_time: MaxTimeOpt = None,
 ) -> None:
     """Forget the records of workers that are no longer running."""
-    _pool(HostOptions.of(host, all_, inventory, connect_timeout, max_time), ["worker", "prune"])
+    opts = HostOptions.of(host, all_, inventory, connect_timeout, max_time)
+    _pool(opts, ["worker", "prune"], listing=Listing.WORKERS if json_out else None, json_out=json_out)
 
 
 @git_app.command("pull")

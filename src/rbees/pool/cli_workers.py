@@ -164,6 +164,20 @@ def worker_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
         render.out().print(render.workers_table(views))
 
 
+@worker_app.command("token")
+def worker_token(
+    ctx: typer.Context,
+    worker_id: Annotated[
+        str, typer.Argument(help="Worker id (see `worker list`).", metavar="ID", show_default=False)
+    ],
+) -> None:
+    """Print a worker's bearer token, to call it directly, e.g.
+    curl -H "Authorization: Bearer $(rbees-pool worker token ID)" http://127.0.0.1:8001/execute ..."""
+    from rbees.pool.records import get_record
+
+    sys.stdout.write(get_record(pool_settings(ctx), worker_id).token + "\n")
+
+
 StopTimeout = Annotated[
     float, typer.Option("--timeout", metavar="S", min=0, help="Seconds of grace before SIGKILL.")
 ]
