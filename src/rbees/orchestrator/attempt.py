@@ -19,6 +19,7 @@ from rbees.orchestrator.jobs import Job, dumps
 from rbees.orchestrator.metrics import Histogram
 from rbees.orchestrator.worker_stream import WorkerStreams
 from rbees.protocol import ErrorCode, SamplingParams, StopReason
+from rbees.protocol.requests import SEED_LIMIT
 
 _SAMPLING_FIELDS = set(SamplingParams.model_fields)
 _WORKER_FULL = frozenset({ErrorCode.ALL_SLOTS_BUSY, ErrorCode.MODEL_LOADING})
@@ -105,17 +106,23 @@ def execute_body(job: Job) -> bytes:
     if job.params_json is None:  # once per job: a retry only changes the id
         job.params_json = job.request.model_dump_json(include=_SAMPLING_FIELDS, exclude_none=True).encode()
     # The fields always hold a prompt or messages, so the object is never empty.
-    return b'{"job_id":%s,%s' % (json.dumps(job.worker_job_id).encode(), job.params_json[1:])
+    chosen = job.chosen_seed if job.request.seed is None else None
+    seed = b'"seed":%d,' % chosen if chosen is not None else b""
+    return b'{"job_id":%s,%b%s' % (json.dumps(job.worker_job_id).encode(), seed, job.params_json[1:])
 
 
 def _stamp_started(job: Job, data: str, worker_id: str) -> str:
-    """The worker's ``started`` with the orchestrator's job id and the worker id; notes ``tokens_in``."""
+    """The worker's ``started`` with the orchestrator's job id and the worker id; notes ``tokens_in``
+    and the seed (a retry before the first token sends a second ``started``, with the same seed)."""
     try:
         fields = json.loads(data)
     except ValueError:
         return data
     if isinstance(fields.get("tokens_in"), int):
         job.record.tokens_in = fields["tokens_in"]
+    seed = fields.get("seed")
+    if job.chosen_seed is None and type(seed) is int and 0 <= seed <= SEED_LIMIT:
+        job.chosen_seed = seed
     fields.setdefault("worker_id", worker_id)
     fields["job_id"] = job.id
     return dumps(fields)

@@ -230,6 +230,9 @@ class Job:
         self.slot: str | None = None  # the worker whose slot this job holds
         self.worker_job_id = job_id  # the id of the current attempt on its worker
         self.params_json: bytes | None = None  # the sampling fields as JSON, made at first dispatch
+        # The seed a worker chose and reported in ``started`` when the request had none: a retry
+        # before the first token runs with it, so the seed the client was told stays the one used.
+        self.chosen_seed: int | None = None
         # True while the relay itself appends a worker's event (its terminal event ends the job from
         # inside the relay, which must then not be cancelled as if the job ended elsewhere).
         self.relaying = False
