@@ -118,6 +118,11 @@ def test_admission_rejects_bad_requests_before_queueing(cluster: Cluster) -> Non
         assert r.body["error"]["code"] == "INVALID_REQUEST" and r.body["error"]["retriable"] is False
     r = orcd.call("/v2/tasks", "POST", raw=b"{not json")
     assert r.status == 400 and r.body["error"]["code"] == "INVALID_REQUEST"
+    # no model named, and two served: which one is for the client to say
+    r = orcd.submit(prompt="hi", max_tokens=2)
+    assert r.status == 400 and r.body["error"]["code"] == "INVALID_REQUEST"
+    assert "model is required" in r.body["error"]["message"]
+    assert set(r.body["error"]["details"]["available"]) == {LLAMA, QWEN}
     assert orcd.call("/v2/tasks/job-nope").body["error"]["code"] == "JOB_NOT_FOUND"
     health = orcd.call("/health").body
     assert health == {"status": "healthy", "pools": 1, "workers": 2, "queue_depth": 0}

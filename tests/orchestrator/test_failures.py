@@ -84,6 +84,16 @@ async def test_worker_killed_before_the_job_reaches_it_is_retried_elsewhere(setu
     assert info["decision"]["reasons"]["a-victim"] == "a previous attempt of this job failed there"
 
 
+def test_a_task_that_names_no_model_runs_on_the_only_one_served(setup: Setup) -> None:
+    r = setup.orcd.submit(prompt="Hello", max_tokens=3, temperature=0.0)
+    assert r.status == 202, r.body
+    info = setup.orcd.wait_task(r.body["job_id"])
+    assert info["status"] == "completed" and info["model"] == MODEL
+    bad = setup.orcd.submit(prompt="Hello", max_tokens=0)  # any other fault is reported as before
+    assert bad.status == 400 and "max_tokens" in bad.body["error"]["message"], bad.body
+    assert setup.orcd.call("/v2/tasks", "POST", raw=b"[1]").status == 400
+
+
 async def _stream_until_first_token(
     s: aiohttp.ClientSession, orcd: Orcd, worker_id: str
 ) -> tuple[AsyncIterator[Event], list[Event]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Annotated, Any
 
@@ -47,7 +48,10 @@ async def submit_task(request: Request) -> Response:
 
 
 def _submitted(svc: JobService, body: bytes, stream: bool) -> Response:
-    task = parse_body(TaskRequest, body)
+    try:
+        task = parse_body(TaskRequest, body)
+    except RbeesError:
+        task = _with_the_only_model(svc, body)
     job = svc.submit(task)
     if stream:
 
@@ -62,6 +66,26 @@ def _submitted(svc: JobService, body: bytes, stream: bool) -> Response:
         events_url=svc.events_url(job.id),
     )
     return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": f"/v2/tasks/{job.id}"})
+
+
+def _with_the_only_model(svc: JobService, body: bytes) -> TaskRequest:
+    """A task that names no model runs on the one model this orchestrator serves, when it serves
+    exactly one; otherwise (or when anything else is wrong with it) the body's error stands."""
+    try:
+        fields = json.loads(body)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict) or "model" in fields:
+        return parse_body(TaskRequest, body)  # raises the original error
+    served = sorted(svc.fleet.models())
+    if len(served) != 1:
+        raise RbeesError(
+            ErrorCode.INVALID_REQUEST,
+            "model is required: this orchestrator serves "
+            + (", ".join(repr(m) for m in served) if served else "no model yet"),
+            details={"available": served},
+        )
+    return parse_body(TaskRequest, json.dumps({**fields, "model": served[0]}).encode())
 
 
 async def submit_asgi(
