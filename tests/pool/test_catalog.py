@@ -94,12 +94,20 @@ def test_register_gguf_file_and_revision() -> None:
     assert entry["path"] == "models/tiny-gguf/tiny.Q4_0.gguf"
 
 
-def test_duplicate_id_is_refused_and_the_first_entry_kept() -> None:
+def test_a_known_id_with_other_details_is_refused_and_the_same_registration_again_is_fine() -> None:
     rbees_pool("models", "register", *QWEN, check=True)
+    first = next(e for e in catalog_json() if e["id"] == "qwen-0.5b")
     again = rbees_pool("models", "register", *QWEN[:3], "Other", *QWEN[4:])
     assert again.returncode == 4
-    assert again.stderr.strip() == "error: model 'qwen-0.5b' is already in the catalog"
-    assert next(e for e in catalog_json() if e["id"] == "qwen-0.5b")["name"] == "Qwen2.5 0.5B Instruct"
+    assert again.stderr.strip() == (
+        "error: model 'qwen-0.5b' is already in the catalog with other details "
+        "(repo 'Qwen/Qwen2.5-0.5B-Instruct'); unregister it first to change them"
+    )
+    assert next(e for e in catalog_json() if e["id"] == "qwen-0.5b") == first
+    same = rbees_pool("models", "register", *QWEN, "--json")  # a setup script run twice
+    assert same.returncode == 0, same.stderr
+    assert json.loads(same.stdout)["registered_at"] == first["registered_at"]
+    assert [e["id"] for e in catalog_json()].count("qwen-0.5b") == 1
 
 
 @pytest.mark.parametrize("bad", ["../x", "/abs", "a b", "x" * 200, "", ".hidden", "Caps", "a/b", "..", "-x"])

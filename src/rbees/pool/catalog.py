@@ -55,6 +55,11 @@ class CatalogEntry(BaseModel):
     downloaded_at: str | None = None
 
 
+def _registered_as(entry: CatalogEntry) -> tuple[str | None, ...]:
+    """What a registration says about a model (not what downloading it found out)."""
+    return (entry.name, entry.repo, entry.architecture, entry.file, entry.revision)
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -157,9 +162,18 @@ class Catalog:
         return self.settings.home / entry.path
 
     def register(self, entry: CatalogEntry) -> CatalogEntry:
+        """Add an entry. Registering the same model again (same name, repo, architecture, file and
+        revision) changes nothing and succeeds, so setup scripts can re-run; different details for a
+        known id are a conflict."""
         with self._editing() as models:
-            if entry.id in models:
-                raise Conflict(f"model {entry.id!r} is already in the catalog")
+            known = models.get(entry.id)
+            if known is not None:
+                if _registered_as(known) == _registered_as(entry):
+                    return known
+                raise Conflict(
+                    f"model {entry.id!r} is already in the catalog with other details "
+                    f"(repo {known.repo!r}); unregister it first to change them"
+                )
             models[entry.id] = entry
         return entry
 
