@@ -149,8 +149,9 @@ def test_errors_in_openai_shape(oa: openai.OpenAI, openai_cluster: Cluster) -> N
         oa.completions.create(model="tiny", prompt="x", seed=-1)
 
     wrong = openai.OpenAI(base_url=f"{openai_cluster.url}/v1", api_key="wrong")
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.AuthenticationError) as denied:  # as OpenAI answers a wrong key: 401
         wrong.models.list()
+    assert denied.value.status_code == 401
 
     headers = {"Authorization": f"Bearer {openai_cluster.api_token}", "Content-Type": "application/json"}
     broken = urllib.request.Request(f"{openai_cluster.url}/v1/chat/completions", b"{", headers, method="POST")

@@ -48,15 +48,17 @@ def test_health_is_open(orcd: Orcd) -> None:
 def test_client_routes_need_the_api_token(orcd: Orcd, method: str, path: str, body: object) -> None:
     missing = orcd.call(path, method, body)
     assert missing.status == 401 and missing.body["error"]["code"] == "UNAUTHORIZED"
-    wrong = orcd.call(path, method, body, token="nope")
-    assert wrong.status == 403 and wrong.body["error"]["code"] == "FORBIDDEN"
-    assert orcd.call(path, method, body, token=REG).status == 403
+    wrong = orcd.call(path, method, body, token="nope")  # unknown here: 401, as workers answer
+    assert wrong.status == 401 and wrong.body["error"]["code"] == "UNAUTHORIZED"
+    other = orcd.call(path, method, body, token=REG)  # a token of this orchestrator, another role
+    assert other.status == 403 and other.body["error"]["code"] == "FORBIDDEN"
     assert orcd.call(path, method, body, token=API).status not in (401, 403)
 
 
 def test_registration_needs_the_registration_token(orcd: Orcd) -> None:
     assert orcd.call("/v2/workers/register", "POST", REGISTRATION).status == 401
     assert orcd.call("/v2/workers/register", "POST", REGISTRATION, token=API).status == 403
+    assert orcd.call("/v2/workers/register", "POST", REGISTRATION, token="nope").status == 401
     r = orcd.call("/v2/workers/register", "POST", REGISTRATION, token=REG)
     assert r.status == 200 and r.body["worker_id"] == "w-1"
     # operators may list and remove workers with either token

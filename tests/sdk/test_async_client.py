@@ -12,7 +12,6 @@ from rbees.sdk import (
     AuthenticationError,
     JobNotFoundError,
     ModelNotFoundError,
-    PermissionDeniedError,
 )
 from tests.sdk.cluster import Cluster
 
@@ -76,9 +75,9 @@ async def test_typed_errors(cluster: Cluster) -> None:
             [e async for e in client.events("job-missing")]
     async with AsyncClient(cluster.url, api_token="wrong") as client:
         assert (await client.health()).status == "healthy"  # /health is open
-        with pytest.raises(PermissionDeniedError) as denied:
+        with pytest.raises(AuthenticationError) as denied:
             await client.workers()
-    assert denied.value.code == "FORBIDDEN" and denied.value.status == 403
+    assert denied.value.code == "UNAUTHORIZED" and denied.value.status == 401
     async with AsyncClient(cluster.url) as anonymous:
         with pytest.raises(AuthenticationError):
             await anonymous.job("job-x")

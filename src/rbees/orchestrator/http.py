@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Sequence
 from typing import TypeVar
 
 from fastapi import Request
@@ -38,23 +39,34 @@ def _bearer(header: str) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def check_bearer(header: str, accepted: list[str]) -> None:
-    """Raise UNAUTHORIZED / FORBIDDEN unless ``header`` (an Authorization value) carries an accepted token."""
+def check_bearer(header: str, accepted: list[str], others: Sequence[str | None] = ()) -> None:
+    """Raise unless ``header`` (an Authorization value) carries an accepted token: UNAUTHORIZED (401)
+    with no token or one this orchestrator does not know, as the workers and the pool daemon answer;
+    FORBIDDEN (403) for one of its ``others`` tokens (the registration token on a client route)."""
     if not accepted:
         return
     given = _bearer(header)
     if given is None:
         raise RbeesError(ErrorCode.UNAUTHORIZED, "this route needs 'Authorization: Bearer <token>'")
+    if _matches(given, accepted):
+        return
+    if _matches(given, [t for t in others if t]):
+        raise RbeesError(ErrorCode.FORBIDDEN, "this token is not valid on this route")
+    raise RbeesError(ErrorCode.UNAUTHORIZED, "the bearer token is not valid")
+
+
+def _matches(given: str, tokens: Sequence[str | None]) -> bool:
     ok = False
-    for token in accepted:
-        ok |= hmac.compare_digest(given.encode(), token.encode())
-    if not ok:
-        raise RbeesError(ErrorCode.FORBIDDEN, "the bearer token is not valid here")
+    for token in tokens:  # every one compared, in constant time
+        if token:
+            ok |= hmac.compare_digest(given.encode(), token.encode())
+    return ok
 
 
 def _check(request: Request, accepted: list[str]) -> None:
     if accepted:
-        check_bearer(request.headers.get("authorization", ""), accepted)
+        s = settings(request)
+        check_bearer(request.headers.get("authorization", ""), accepted, (s.api_token, s.registration_token))
 
 
 def require_client(request: Request) -> None:

@@ -96,7 +96,8 @@ async def submit_asgi(
 
     async def respond(headers: Headers) -> Response:
         if settings.api_token:
-            check_bearer(headers.get(b"authorization", b"").decode("latin-1"), [settings.api_token])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            check_bearer(auth, [settings.api_token], (settings.registration_token,))
         body = await read_body(receive, MAX_BODY_BYTES)
         stream = "text/event-stream" in headers.get(b"accept", b"").decode("latin-1")
         response = _submitted(svc, body, stream)
