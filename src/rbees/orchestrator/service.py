@@ -472,11 +472,16 @@ class JobService:
         """End the jobs still waiting for a worker when none is left that could take them (all gone
         from the registry, or unreachable for ``no_worker_timeout_s``) instead of at the queue timeout."""
         gone_after = self.settings.no_worker_timeout_s
-        if gone_after <= 0:
+        if gone_after <= 0 or not len(self.queue):
             return
+        # Models some worker may still serve; only jobs pinned to a worker or pool, or for another
+        # model, need a closer look.
+        live = {e.reg.model_ref for e in self.fleet.entries.values() if not stranded([e], now, gone_after)}
         for job in list(self._active.values()):
             waiting = job.dispatched_at is None and not job.done
-            if waiting and stranded(candidates(job.request, self.fleet), now, gone_after):
+            if not waiting or (job.request.placement is None and job.request.model in live):
+                continue
+            if stranded(candidates(job.request, self.fleet), now, gone_after):
                 error = no_worker(job.request, gone_after)
                 job.fail(error.code, error.message, retriable=True)
 
