@@ -89,6 +89,8 @@ async def test_jobs_are_routed_by_model(cluster: Cluster) -> None:
         assert events[1].data["model"] == model and events[1].data["worker_id"] == worker
         assert events[-1].type == "end" and events[-1].data["stop_reason"] == "MAX_TOKENS"
         assert any(e.type == "token" for e in events)
+        # the worker's figures for the job, relayed like its other events
+        assert events[-2].type == "metrics" and events[-2].data["tokens_out"] == 8
         info = cluster.orcd.task(events[0].data["job_id"])
         assert info["status"] == "completed" and info["worker_id"] == worker
         assert info["tokens_out"] == 8

@@ -61,7 +61,7 @@ def test_health_reports_the_loaded_model(worker: Worker) -> None:
     assert health["context_length"] == 256
 
 
-def test_stream_is_started_tokens_end_in_exact_sse_framing(worker: Worker) -> None:
+def test_stream_is_started_tokens_metrics_end_in_exact_sse_framing(worker: Worker) -> None:
     with EventStream(
         worker, {"job_id": "frame-1", "prompt": "Hello, how are you?", "max_tokens": 8, "seed": 3}
     ) as s:
@@ -70,7 +70,7 @@ def test_stream_is_started_tokens_end_in_exact_sse_framing(worker: Worker) -> No
         events = list(s)
         body = b"".join(s.raw_frames)
     assert re.fullmatch(rb"(data: \{[^\n]*\}\n\n)+", body), body
-    started, tokens, end = events[0], events[1:-1], terminal(events)
+    started, tokens, metrics, end = events[0], events[1:-2], events[-2], terminal(events)
     assert started["type"] == "started"
     assert started["job_id"] == "frame-1" and started["model"] == "tiny-llama"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", started["started_at"])
@@ -80,6 +80,10 @@ def test_stream_is_started_tokens_end_in_exact_sse_framing(worker: Worker) -> No
     assert end["type"] == "end" and end["stop_reason"] == "MAX_TOKENS"
     assert end["tokens_out"] == 8 and end["tokens_in"] == started["tokens_in"]
     assert isinstance(end["decode_time_ms"], int)
+    assert metrics["type"] == "metrics" and metrics["tokens_out"] == 8
+    assert metrics["tokens_per_second"] > 0
+    assert metrics["extra"]["tokens_in"] == started["tokens_in"]
+    assert 0 <= metrics["extra"]["first_token_ms"] <= end["decode_time_ms"]
 
 
 def _thread_nices(pid: int) -> dict[int, int]:

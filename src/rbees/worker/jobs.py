@@ -2,7 +2,8 @@
 
 A ``Generation`` pulls token ids from the engine one decode step at a time, turns them into
 UTF-8 safe text, holds back possible stop sequences, checks the cancel flag before every step
-and emits ``token`` events followed by exactly one terminal event (``end`` or ``error``).
+and emits ``token`` events, then ``metrics`` and exactly one terminal event (``end``; a failure
+sends only ``error``).
 It knows nothing of HTTP or threads: events go to an ``emit`` callback, and whoever owns the
 generation calls ``step()`` (the worker's one decode thread, taking turns among its jobs).
 """
@@ -14,7 +15,15 @@ import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
-from rbees.protocol import EndEvent, ErrorCode, ErrorEvent, ExecuteRequest, StopReason, TokenEvent
+from rbees.protocol import (
+    EndEvent,
+    ErrorCode,
+    ErrorEvent,
+    ExecuteRequest,
+    MetricsEvent,
+    StopReason,
+    TokenEvent,
+)
 from rbees.protocol.events import Event
 from rbees.worker.engines.base import Engine, GenerateArgs
 from rbees.worker.slots import Flag
@@ -71,6 +80,7 @@ class Generation:
         self._generated = 0
         self._begun = False
         self._started = time.perf_counter()
+        self._first_token_at: float | None = None
         self._steps = engine.generate(job.prompt_ids, params, job.seed)
 
     @property
@@ -112,7 +122,9 @@ class Generation:
             self._emit(ErrorEvent(code=ErrorCode.INTERNAL, message=message))
             return False
         self._close(reason)
-        elapsed_ms = round((time.perf_counter() - self._started) * 1000)
+        elapsed = time.perf_counter() - self._started
+        elapsed_ms = round(elapsed * 1000)
+        self._emit(self._metrics(elapsed))
         self._emit(
             EndEvent(
                 tokens_out=self._generated,
@@ -131,6 +143,15 @@ class Generation:
         )
         return False
 
+    def _metrics(self, elapsed: float) -> MetricsEvent:
+        """The job's figures on this worker, sent just before its ``end``: tokens per second over the
+        whole job, and how long its first token took from the moment the job reached the decoder."""
+        extra: dict[str, int] = {"tokens_in": len(self.job.prompt_ids)}
+        if self._first_token_at is not None:
+            extra["first_token_ms"] = round((self._first_token_at - self._started) * 1000)
+        rate = self._generated / elapsed if elapsed > 0 and self._generated else 0.0
+        return MetricsEvent(tokens_out=self._generated, tokens_per_second=round(rate, 2), extra=extra)
+
     def abandon(self) -> None:
         """Drop the job without an event (the worker is stopping): frees its KV cache."""
         if self.reason is None:
@@ -146,6 +167,8 @@ class Generation:
         if token in self._eos:
             return StopReason.EOS
         self._generated += 1
+        if self._first_token_at is None:
+            self._first_token_at = time.perf_counter()
         self._out.send(self._stops.feed(self._detok.push(token)))
         if self._stops.matched is not None:
             return StopReason.STOP_SEQUENCE
