@@ -242,3 +242,21 @@ def test_twenty_concurrent_registers_lose_nothing_and_never_tear_the_file(pool_h
     ids = {e["id"] for e in catalog_json()}
     assert ids == {"smollm2-135m", "qwen-0.5b"} | {f"m-{i:02d}" for i in range(20)}
     assert not list(pool_home.glob(".catalog.json.*"))  # no temporary file left
+
+
+@pytest.mark.parametrize(
+    ("n_bytes", "shown"),
+    [
+        (0, "0.0 GB"),
+        (-1, "0.0 GB"),
+        (2_200_000_000, "2.2 GB"),
+        (948_000_000, "0.9 GB"),
+        (50_000_000, "0.1 GB"),
+        (49_999_999, "50 MB"),
+        (123_456, "123 kB"),
+    ],
+)
+def test_catalog_sizes_read_as_the_spec_shows_them(n_bytes: int, shown: str) -> None:
+    from rbees.pool.render import catalog_size
+
+    assert catalog_size(n_bytes) == shown

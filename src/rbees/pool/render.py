@@ -65,6 +65,14 @@ def human_size(n_bytes: int, zero: str = "0 B") -> str:
     return f"{n_bytes} B" if n_bytes > 0 else zero
 
 
+def catalog_size(n_bytes: int) -> str:
+    """The catalog's Size column, in GB with one decimal as the spec shows it ("0.9 GB", "0.0 GB" when
+    not downloaded); a file too small to show that way (a test model) in smaller units."""
+    if n_bytes <= 0 or n_bytes >= 5 * 10**7:
+        return f"{max(0, n_bytes) / 1e9:.1f} GB"
+    return human_size(n_bytes)
+
+
 def _table(title: str, columns: Iterable[str]) -> Table:
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for col in columns:
@@ -76,7 +84,7 @@ def catalog_table(entries: list[CatalogEntry], host: str) -> Table:
     yes, no = ("✅", "❌") if _unicode_ok() else ("yes", "no")
     table = _table(f"Model Catalog for {host}", ["ID", "Name", "Downloaded", "Size"])
     for e in entries:
-        table.add_row(e.id, e.name, yes if e.downloaded else no, human_size(e.size_bytes, zero="0.0 GB"))
+        table.add_row(e.id, e.name, yes if e.downloaded else no, catalog_size(e.size_bytes))
     table.caption = f"Total models: {len(entries)}"
     table.caption_justify = "left"
     return table
