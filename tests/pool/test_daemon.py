@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.pool.helpers import first_port_at, rbees_pool, register_local
+from tests.pool.helpers import first_port_at, rbees_pool, register_local, stub_env
 from tests.pool.test_workers import spawn
 from tests.support.procs import ManagedProcess, bin_path, free_port, get_json, wait_http
 
@@ -188,3 +188,22 @@ def test_serve_has_help() -> None:
     assert "Usage: rbees-pool serve" in result.output
     for flag in ("--host", "--port", "--token", "RBEES_POOL_TOKEN", "9200", "127.0.0.1"):
         assert flag in result.output
+
+
+def test_a_worker_spawned_without_a_callback_to_the_daemon_still_shows_when_it_was_ready(
+    pool_home: Path, tiny_llama: Path, tmp_path: Path
+) -> None:
+    register_local("tiny", tiny_llama)
+    first_port_at(pool_home, free_port())
+    with daemon(tmp_path) as (url, _):
+        spawned = rbees_pool("worker", "spawn", "cpu", "--model", "tiny", "--json", env=stub_env())
+        assert spawned.returncode == 0, spawned.stderr
+        record = json.loads(spawned.stdout)
+        try:
+            assert record["ready_at"]  # recorded by the spawning CLI when the worker called it back
+            served = get_json(f"{url}/workers")
+            expected = [(record["worker_id"], record["ready_at"])]
+            assert [(w["worker_id"], w["ready_at"]) for w in served] == expected
+            assert get_json(f"{url}/status")["workers"][0]["ready_at"] == record["ready_at"]
+        finally:
+            rbees_pool("worker", "stop-all", "--timeout", "5")

@@ -118,7 +118,9 @@ def live_worker_count(settings: PoolSettings) -> int:
 
 
 def _with_ready(view: dict[str, Any], ready: ReadyBook) -> dict[str, Any]:
-    return view | {"ready_at": ready.get(str(view.get("worker_id")))}
+    """``ready_at``: the last ready callback this daemon took for the worker, else the time the
+    spawning CLI recorded (a spawned worker calls back to its spawner, not to the daemon)."""
+    return view | {"ready_at": ready.get(str(view.get("worker_id"))) or view.get("ready_at")}
 
 
 # ---------------------------------------------------------------- app

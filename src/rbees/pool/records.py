@@ -38,6 +38,7 @@ class WorkerRecord(BaseModel):
     host: str = "127.0.0.1"
     token: str = Field(repr=False)
     state: Literal["starting", "ready"] = "starting"
+    ready_at: str | None = None  # when its ready callback reached the spawning CLI
     create_time: float | None = None
     spawner_pid: int | None = None
     slots: int | None = None

@@ -147,7 +147,7 @@ def spawn_worker(settings: PoolSettings, req: SpawnRequest, status: Status) -> W
             if isinstance(exc, SpawnFailed):
                 raise SpawnFailed(exc.message, detail=_log_tail(log_path)) from None
             raise
-    ready = record.model_copy(update={"state": "ready"})
+    ready = record.model_copy(update={"state": "ready", "ready_at": now_iso()})
     write_record(settings, ready)
     return ready
 
