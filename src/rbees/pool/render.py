@@ -55,14 +55,14 @@ def _unicode_ok() -> bool:
     return (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "") in ("utf8", "utf8mb4")
 
 
-def human_size(n_bytes: int, zero: str = "0 B") -> str:
+def human_size(n_bytes: int) -> str:
     if n_bytes >= 10**9:
         return f"{n_bytes / 1e9:.1f} GB"
     if n_bytes >= 10**6:
         return f"{n_bytes / 1e6:.0f} MB"
     if n_bytes >= 10**3:
         return f"{n_bytes / 1e3:.0f} kB"
-    return f"{n_bytes} B" if n_bytes > 0 else zero
+    return f"{n_bytes} B" if n_bytes > 0 else "0 B"
 
 
 def catalog_size(n_bytes: int) -> str:
