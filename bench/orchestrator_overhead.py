@@ -18,10 +18,16 @@ throughput ratio (aggregate tokens/s orchestrated / direct). Goal: added p50 <= 
 Between rounds it waits until the worker reports no busy slot, so one round never queues behind the
 last. With --spawn-model it also prints the orchestrator's own CPU time per job and per token.
 
---pin (spawn mode, Linux) gives the worker CPU 0 to itself and runs the orchestrator and this client on
-the other CPUs: the deployment rbees is built for, where workers sit on their own (GPU) machines and
-the orchestrator does not take CPU time from decoding. Without it all three share every CPU, and on a
-small machine the orchestrator's CPU time for relaying shows up as the worker's lost tokens/s.
+--pin (spawn mode, Linux) gives the worker CPU 0 to itself, this client CPU 1 and the orchestrator the
+rest: the deployment rbees is built for, where workers sit on their own (GPU) machines, clients on
+theirs, and the orchestrator takes CPU time from neither. Without it all three share every CPU, and on
+a small machine the orchestrator's CPU time for relaying shows up as the worker's lost tokens/s.
+With only two CPUs the client has to share one: --pin-client orchestrator (the default) runs it beside
+the orchestrator, which then waits for the CPU while the client sends a burst (the first request of
+16 reached rbees-orcd ~1.6 ms after it was sent, the worker ~0.4 ms on the direct path);
+--pin-client worker runs it beside the worker, where both paths pay for it alike, but a client that
+answers an ``end`` at once can then slip its next request in before the worker's next pass on the
+direct path only (the orchestrated one is a relay hop later).
 
 --emulate-pass-ms MS (spawn mode) makes every forward pass of the worker's model take MS longer,
 busy holding the GIL (``bench/slow_pass_worker.py``): a GPU's launch-bound pass, whose cost hardly
@@ -334,9 +340,9 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
     args.model = "bench-model"
     procs: list[subprocess.Popen[bytes]] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    worker_cpus, other_cpus = _cpu_split(args.pin)
-    if other_cpus:
-        os.sched_setaffinity(0, other_cpus)  # this client, and the orchestrator it spawns next
+    layout = _cpu_layout(args.pin, args.pin_client)
+    if layout is not None:
+        os.sched_setaffinity(0, layout.orchestrator)  # inherited by the orchestrator spawned next
     try:
         log = (tmp / "orcd.log").open("wb")
         procs.append(
@@ -348,8 +354,10 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
         )  # fmt: skip
         wait_json(args.orchestrator + "/health", 60)
         args.orcd_pid = procs[0].pid
+        if layout is not None:
+            os.sched_setaffinity(0, layout.client)
         log = (tmp / "worker.log").open("wb")
-        pin = ["taskset", "-c", ",".join(map(str, sorted(worker_cpus)))] if worker_cpus else []
+        pin = ["taskset", "-c", _cpu_list(layout.worker)] if layout is not None else []
         workerd = [str(BIN / "rbees-workerd")]
         if args.emulate_pass_ms:
             workerd = [sys.executable, str(Path(__file__).with_name("slow_pass_worker.py"))]
@@ -372,9 +380,11 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
                 raise TimeoutError("the worker never registered")
             time.sleep(0.1)
         print(f"spawned rbees-orcd {args.orchestrator} and rbees-workerd {args.worker} (logs in {tmp})")
-        if worker_cpus:
-            mine, theirs = sorted(worker_cpus), sorted(other_cpus)
-            print(f"pinned: worker on CPU {mine}, orchestrator and client on {theirs}")
+        if layout is not None:
+            print(
+                f"pinned: worker on CPU {_cpu_list(layout.worker)}, orchestrator on "
+                f"{_cpu_list(layout.orchestrator)}, client on {_cpu_list(layout.client)}"
+            )
         yield
     finally:
         for p in reversed(procs):
@@ -387,14 +397,31 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def _cpu_split(pin: bool) -> tuple[set[int], set[int]]:
-    """(the worker's CPUs, everyone else's) for --pin; two empty sets when not pinning."""
+@dataclass(frozen=True)
+class CpuLayout:
+    worker: set[int]
+    orchestrator: set[int]
+    client: set[int]
+
+
+def _cpu_layout(pin: bool, client_beside: str) -> CpuLayout | None:
+    """Who runs on which CPUs for --pin (None: not pinning). The worker gets the first CPU; with three
+    or more, the client the second and the orchestrator the rest; with two, the client shares the
+    worker's or the orchestrator's (``client_beside``)."""
     if not pin:
-        return set(), set()
+        return None
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("--pin needs at least 2 CPUs")
-    return {cpus[0]}, set(cpus[1:])
+    worker = {cpus[0]}
+    if len(cpus) >= 3:
+        return CpuLayout(worker, set(cpus[2:]), {cpus[1]})
+    orchestrator = {cpus[1]}
+    return CpuLayout(worker, orchestrator, worker if client_beside == "worker" else orchestrator)
+
+
+def _cpu_list(cpus: set[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
 
 
 def main() -> int:
@@ -424,7 +451,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker-args", default="", help="extra rbees-workerd arguments (spawn mode)")
     ap.add_argument(
-        "--pin", action="store_true", help="spawn mode: the worker gets CPU 0, the rest get the others"
+        "--pin",
+        action="store_true",
+        help="spawn mode: the worker gets CPU 0, the client CPU 1, the orchestrator the others",
+    )
+    ap.add_argument(
+        "--pin-client",
+        choices=["orchestrator", "worker"],
+        default="orchestrator",
+        help="--pin on a machine with two CPUs: whose CPU the client shares",
     )
     ap.add_argument(
         "--emulate-pass-ms",
