@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -18,8 +19,9 @@ import uvicorn
 from starlette.types import Receive, Scope, Send
 
 from rbees.orchestrator.event_stream import JobEventsResponse
-from rbees.orchestrator.jobs import EventLog
+from rbees.orchestrator.jobs import EventLog, Job
 from rbees.orchestrator.registry import JobRecord
+from rbees.protocol import StopReason, TaskRequest
 from tests.support.procs import free_port
 
 
@@ -206,3 +208,20 @@ async def test_a_job_known_only_from_its_record_replays_its_end_after_whatever_t
         "TIMEOUT",
         "too slow",
     )
+
+
+def test_an_end_the_orchestrator_writes_itself_says_how_long_the_job_ran() -> None:
+    # A forced cancel (the worker never confirmed) and a replay from the record both time the job
+    # from its first dispatch; a job cancelled before it reached a worker ran for 0 ms.
+    running = Job("job-3", TaskRequest(model="tiny", prompt="hi"))
+    running.record.started_at = time.time() - 1.5
+    forced = running.end(StopReason.CANCELLED)
+    assert forced is not None
+    assert 1400 <= json.loads(forced.data)["decode_time_ms"] <= 3000
+    queued = Job("job-4", TaskRequest(model="tiny", prompt="hi"))
+    never = queued.end(StopReason.CANCELLED)
+    assert never is not None and json.loads(never.data)["decode_time_ms"] == 0
+    rec = JobRecord("job-5", "tiny", "interactive", "cancelled", stop_reason="CANCELLED")
+    rec.started_at, rec.finished_at = 100.0, 102.25
+    (replayed,) = EventLog.replay_of(rec).events
+    assert json.loads(replayed.data)["decode_time_ms"] == 2250

@@ -57,6 +57,14 @@ class JobEvent:
         return value if isinstance(value, dict) else {}
 
 
+def decode_ms(started_at: float | None, ended_at: float | None) -> int:
+    """An ``end`` the orchestrator writes itself (a forced cancel, a replay from the record): the
+    milliseconds from the job's first dispatch to its end, 0 for a job that never reached a worker."""
+    if started_at is None or ended_at is None:
+        return 0
+    return max(0, round((ended_at - started_at) * 1000))
+
+
 def dumps(value: dict[str, Any]) -> str:
     """Compact JSON, as the workers write it."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -174,7 +182,7 @@ class EventLog:
             body: dict[str, Any] = {
                 "type": "end",
                 "tokens_out": rec.tokens_out,
-                "decode_time_ms": 0,
+                "decode_time_ms": decode_ms(rec.started_at, rec.finished_at),
                 "stop_reason": rec.stop_reason,
             }
             if rec.tokens_in is not None:
@@ -291,7 +299,7 @@ class Job:
         body = {
             "type": "end",
             "tokens_out": self.tokens_so_far(),
-            "decode_time_ms": 0,
+            "decode_time_ms": decode_ms(self.record.started_at, time.time()),
             "stop_reason": stop_reason.value,
             **extra,
         }
