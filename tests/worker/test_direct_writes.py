@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from typing import Any
 import pytest
 
 from rbees.httpd import chunk, raw_transport
-from rbees.worker.direct import FrameSink, Item
+from rbees.worker import direct
+from rbees.worker.direct import FrameSink, Item, dup_holding_gil
 
 
 @dataclass
@@ -193,3 +195,22 @@ async def test_close_releases_the_duplicate_descriptor_and_drops_later_frames(co
     sink.put(b"late")
     assert conn.queue.empty()
     assert not _readable(conn)
+
+
+def test_the_duplicate_descriptor_is_the_same_socket_and_close_on_exec() -> None:
+    # On Linux it comes from libc's fcntl, called with the GIL held (see direct.py), not os.dup.
+    assert (direct._LIBC is not None) == (sys.platform == "linux")
+    left, right = socket.socketpair()
+    try:
+        fd = dup_holding_gil(left.fileno())
+        try:
+            assert fd != left.fileno() and not os.get_inheritable(fd)  # as os.dup makes it
+            os.write(fd, b"x")
+            assert right.recv(1) == b"x"
+        finally:
+            os.close(fd)
+    finally:
+        left.close()
+        right.close()
+    with pytest.raises(OSError):
+        dup_holding_gil(left.fileno())  # closed: an error, never a descriptor of something else

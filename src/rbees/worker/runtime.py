@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -47,6 +47,9 @@ LOADING_RETRY_AFTER_S = 2.0
 # and back costs more than that, and far more while the decode thread holds the GIL. Longer ones go
 # to a thread so they never stall the other streams.
 INLINE_ENCODE_CHARS = 8192
+# Seeds for requests that bring none: a seed is no secret, and ``secrets`` reads the OS's random device
+# with the GIL released, which on the event loop means waiting to get it back from the decode thread.
+_SEEDS = random.Random()
 _CANCEL_GRACE_S = 30.0
 
 
@@ -181,7 +184,7 @@ class WorkerRuntime:
         except BaseException:
             self.slots.release(request.job_id, cancel)
             raise
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
+        seed = request.seed if request.seed is not None else _SEEDS.getrandbits(32)
         job = Job(job_id=request.job_id, request=request, prompt_ids=prompt_ids, seed=seed, cancel=cancel)
         started = StartedEvent(
             job_id=job.job_id,
