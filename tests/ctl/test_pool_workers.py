@@ -30,7 +30,7 @@ def test_a_worker_is_spawned_and_stopped_remotely(pool_lab: PoolLab, tiny_llama:
 
     spawned = pool_lab.rbees(
         "pool", "worker", "spawn", "cpu", "--model", "tiny", "--host", "a", "--threads", "1",
-        "--refill-wait", "0.5", "--timeout", "120", "--json", timeout=180,
+        "--refill-wait", "0.5", "--prefill-gather", "0.25", "--timeout", "120", "--json", timeout=180,
     )  # fmt: skip
     assert spawned.returncode == 0, spawned.stderr
     record = json.loads(spawned.stdout)
@@ -39,6 +39,7 @@ def test_a_worker_is_spawned_and_stopped_remotely(pool_lab: PoolLab, tiny_llama:
     assert psutil.pid_exists(record["pid"])
     cmdline = psutil.Process(record["pid"]).cmdline()
     assert cmdline[cmdline.index("--refill-wait") + 1] == "0.5"  # the worker tuning reached the worker
+    assert cmdline[cmdline.index("--prefill-gather") + 1] == "0.25"
     assert "--prefill-batch-tokens" not in cmdline  # and what was not given stays its default
 
     workers = pool_lab.rbees("pool", "worker", "list", "--host", "a", "--host", "b", "--json")

@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--prefill-batch-tokens", type=int)
     p.add_argument("--refill-wait", type=float)
+    p.add_argument("--prefill-gather", type=float)
     args = p.parse_args()
     mode = os.environ.get("STUB_MODE", "ok")
     if os.environ.get("STUB_CALLS"):

@@ -98,7 +98,13 @@ def test_preflight_refusals_start_nothing(
 
 
 @pytest.mark.parametrize(
-    "args", [["--refill-wait", "2"], ["--refill-wait", "-0.5"], ["--prefill-batch-tokens", "-1"]]
+    "args",
+    [
+        ["--refill-wait", "2"],
+        ["--refill-wait", "-0.5"],
+        ["--prefill-batch-tokens", "-1"],
+        ["--prefill-gather", "2"],
+    ],
 )
 def test_worker_tuning_out_of_range_is_a_usage_error(tiny: str, pool_home: Path, args: list[str]) -> None:
     done = rbees_pool("worker", "spawn", "cpu", "--model", tiny, *args, env=stub_env())
@@ -341,7 +347,7 @@ def test_a_remote_orchestrator_gets_the_worker_on_a_reachable_address(
     url = f"http://{_lan_address()}:{orchestrator.port}"
     record = spawn_stub(
         "ok", "--orchestrator", url, "--advertise-host", "pool.example", "--slots", "3",
-        "--prefill-batch-tokens", "2048", "--refill-wait", "0.25",
+        "--prefill-batch-tokens", "2048", "--refill-wait", "0.25", "--prefill-gather", "0.3",
         env={"STUB_CALLS": str(calls), "RBEES_ORCHESTRATOR_TOKEN": "orch-secret", "RBEES_POOL_NAME": "p1"},
     )  # fmt: skip
     (call,) = [json.loads(line) for line in calls.read_text().splitlines()]
@@ -363,6 +369,7 @@ def test_a_remote_orchestrator_gets_the_worker_on_a_reachable_address(
     assert arg("--pool") == ["p1"]
     assert arg("--slots") == ["3"]
     assert (arg("--prefill-batch-tokens"), arg("--refill-wait")) == (["2048"], ["0.25"])
+    assert arg("--prefill-gather") == ["0.3"]
     assert arg("--model") == [str(pool_home / "models" / "tiny")]
 
     (auth, body) = orchestrator.registrations[0]

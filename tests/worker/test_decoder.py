@@ -13,7 +13,7 @@ import pytest
 from rbees.protocol import EndEvent, ErrorEvent, ExecuteRequest, SamplingParams, StopReason, TokenEvent
 from rbees.protocol.events import Event
 from rbees.worker import decoder
-from rbees.worker.decoder import DecodeLoop, refill_window
+from rbees.worker.decoder import DecodeLoop, gather_window, refill_window
 from rbees.worker.jobs import Generation, Job
 from tests.worker.test_jobs import ScriptedEngine
 
@@ -321,6 +321,65 @@ def test_without_a_prefill_budget_newcomers_are_not_batched() -> None:
 )
 def test_refill_window_is_a_share_of_the_last_prefill(prefill_s: float, share: float, window: float) -> None:
     assert refill_window(prefill_s, share) == pytest.approx(window)
+
+
+@pytest.mark.parametrize(
+    ("prefill_s", "share", "window"),
+    [
+        (0.032, 0.5, 0.016),  # a GPU's prefill: half of it
+        (0.200, 0.5, 0.020),  # at most 20 ms
+        (0.032, 0.0, 0.0),  # a CPU worker gathers nothing
+        (0.0015, 0.5, 0.0),  # nor where a prefill is cheap: under a millisecond is no window
+        (0.0, 0.5, 0.0),  # nothing measured yet
+    ],
+)
+def test_gather_window_is_a_share_of_the_last_prefill(prefill_s: float, share: float, window: float) -> None:
+    assert gather_window(prefill_s, share) == pytest.approx(window)
+
+
+@pytest.fixture
+def slow_gathering(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gather windows and gaps long enough that a test's arrival times cannot miss them."""
+    monkeypatch.setattr(decoder, "GATHER_CAP_S", 2.0)
+    monkeypatch.setattr(decoder, "GATHER_GAP_S", 0.3)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.0])
+def test_an_idle_worker_gathers_a_spread_burst_into_one_prefill(share: float, slow_gathering: None) -> None:
+    trace: list[int] = []
+    gate = threading.Event()
+    gate.set()
+    engine = BatchingEngine(trace, gate)
+    loop = DecodeLoop(prefill_tokens=4096, gather_share=share)
+    loop.prefill_s = 2.0  # as if its last prefill took 2 s: a window of 2 s, gaps of 0.5 s
+    sinks = [Sink() for _ in range(4)]
+    try:
+        for name in (1, 2, 3):  # one every 50 ms: a burst spread out
+            loop.submit(_generation(engine, name, 2, sinks[name]), sinks[name].exited)
+            threading.Event().wait(0.05)
+        assert all(s.done.wait(10) for s in sinks[1:])
+    finally:
+        loop.stop()
+    if share:
+        assert engine.batches == [[1, 2, 3]]
+    else:  # the first starts at once, alone; the other two come in during its steps
+        assert [1, 2, 3] not in engine.batches and trace[0] == 1
+
+
+def test_a_lone_request_waits_only_for_a_second_one_to_arrive(slow_gathering: None) -> None:
+    trace: list[int] = []
+    engine = RecordingEngine(trace)
+    loop = DecodeLoop(prefill_tokens=4096, gather_share=1.0)
+    loop.prefill_s = 2.0  # a window of 2 s; but no second request comes within the gap (0.3 s)
+    sink = Sink()
+    try:
+        started = time.monotonic()
+        loop.submit(_generation(engine, 1, 1, sink), sink.exited)
+        assert sink.done.wait(10)
+        waited = time.monotonic() - started
+    finally:
+        loop.stop()
+    assert 0.25 < waited < 1.5
 
 
 class SlowPrefillEngine(RecordingEngine):

@@ -32,6 +32,14 @@ def test_running_jobs_wait_for_a_refill_on_a_gpu_by_default_and_never_on_a_cpu()
     assert settings_from_args([*BASE, "--backend", "cuda", "--refill-wait", "0"], {}).refill_share == 0
 
 
+def test_bursts_are_gathered_on_a_gpu_by_default_and_never_on_a_cpu() -> None:
+    assert settings_from_args(BASE, {}).gather_share == 0.0
+    assert settings_from_args([*BASE, "--backend", "cuda"], {}).gather_share == 0.5
+    assert settings_from_args([*BASE, "--backend", "metal"], {}).gather_share == 0.5
+    assert settings_from_args([*BASE, "--prefill-gather", "0.2"], {}).gather_share == 0.2
+    assert settings_from_args([*BASE, "--backend", "cuda", "--prefill-gather", "0"], {}).gather_share == 0
+
+
 def test_flags_win_over_environment_and_no_cache() -> None:
     s = settings_from_args([*BASE, "--token", "flag", "--no-cache"], {"RBEES_WORKER_TOKEN": "env"})
     assert s.token == "flag" and s.cache_dir is None
@@ -56,6 +64,8 @@ def test_callback_urls_repeat_and_advertise_url_is_the_uri() -> None:
         ["--prefill-batch-tokens", "-1"],
         ["--refill-wait", "-0.1"],
         ["--refill-wait", "2"],
+        ["--prefill-gather", "-0.1"],
+        ["--prefill-gather", "2"],
     ],
 )
 def test_invalid_values_are_refused(extra: list[str]) -> None:

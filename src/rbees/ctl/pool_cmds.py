@@ -207,6 +207,10 @@ def worker_spawn(
         float | None,
         typer.Option("--refill-wait", min=0, max=1, help="Share of a prefill's time to wait for a refill."),
     ] = None,
+    prefill_gather: Annotated[
+        float | None,
+        typer.Option("--prefill-gather", min=0, max=1, help="Share of a prefill's time to gather a burst."),
+    ] = None,
     skip_memory_check: Annotated[
         bool, typer.Option("--skip-memory-check", help="Start even if free memory looks too small.")
     ] = False,
@@ -227,6 +231,7 @@ def worker_spawn(
     args += _opt("--advertise-host", advertise_host) + _opt("--host", bind) + _opt("--timeout", ready_timeout)
     args += _opt("--threads", threads) + (["--skip-memory-check"] if skip_memory_check else [])
     args += _opt("--prefill-batch-tokens", prefill_batch_tokens) + _opt("--refill-wait", refill_wait)
+    args += _opt("--prefill-gather", prefill_gather)
     opts = HostOptions.of(host, all_, inventory, connect_timeout, max_time)
     _pool(opts, args, listing=Listing.SPAWNED if json_out else None, json_out=json_out)
 

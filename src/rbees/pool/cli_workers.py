@@ -63,6 +63,17 @@ def worker_spawn(
             "job's slot (rbees-workerd's default: 0.125 on a GPU, 0 on a CPU).",
         ),
     ] = None,
+    prefill_gather: Annotated[
+        float | None,
+        typer.Option(
+            "--prefill-gather",
+            metavar="F",
+            min=0,
+            max=1,
+            help="Share of a prefill's time an idle worker gathers a burst of requests into one "
+            "prefill (rbees-workerd's default: 0.5 on a GPU, 0 on a CPU).",
+        ),
+    ] = None,
     orchestrator: Annotated[
         str | None,
         typer.Option(
@@ -126,6 +137,7 @@ def worker_spawn(
         threads=threads,
         prefill_batch_tokens=prefill_batch_tokens,
         refill_wait=refill_wait,
+        prefill_gather=prefill_gather,
         host=host,
         orchestrator=orchestrator or settings.orchestrator,
         orchestrator_token=orchestrator_token or settings.orchestrator_token,

@@ -49,6 +49,7 @@ class SpawnRequest:
     threads: int | None = None
     prefill_batch_tokens: int | None = None
     refill_wait: float | None = None
+    prefill_gather: float | None = None
     host: str | None = None
     orchestrator: str | None = None
     orchestrator_token: str | None = None
@@ -176,6 +177,7 @@ def _worker_command(
         ("--threads", req.threads),
         ("--prefill-batch-tokens", req.prefill_batch_tokens),
         ("--refill-wait", req.refill_wait),
+        ("--prefill-gather", req.prefill_gather),
     ):
         if value is not None:
             cmd += [flag, str(value)]

@@ -14,7 +14,11 @@ tug of war over the GIL with a decode step, which then took 10-15 ms instead of 
 in admission joins the newcomers' batch rather than waiting for the next one.
 
 On a GPU a pass costs about the same for one row as for sixteen (tens of milliseconds for a
-30-layer model, mostly launching its kernels). There, when a job ends, the running jobs' next step
+30-layer model, mostly launching its kernels). There, an idle worker that receives a request waits
+while more keep arriving (``gather_share`` of the last prefill's time at most, see ``gather_window``):
+a burst that reaches it spread over a few milliseconds (through an orchestrator, say) is prefilled
+in one pass, instead of the first few requests in one and the rest a whole pass later. A lone
+request waits ``GATHER_GAP_S`` for a second. And when a job ends, the running jobs' next step
 waits a moment (``refill_share`` of the last prefill's time, see ``refill_window``) for a request to
 take its slot: a client that sends its next request as soon as the last ended, or the orchestrator
 dispatching a queued job to the freed slot, reaches the worker a millisecond or two later, and
@@ -57,6 +61,19 @@ ADMISSION_WAIT_S = 0.005
 # ``refill_share`` of the last prefill's time and REFILL_CAP_S, and not at all under REFILL_MIN_S.
 REFILL_CAP_S = 0.005
 REFILL_MIN_S = 0.0005
+# A burst reaching an idle worker is gathered for at most ``gather_share`` of the last prefill's time
+# and GATHER_CAP_S, not at all under GATHER_MIN_S. The first request waits GATHER_GAP_S for a second;
+# once that came the burst is over when none came for a quarter of the window.
+GATHER_CAP_S = 0.020
+GATHER_MIN_S = 0.001
+GATHER_GAP_S = 0.001
+
+
+def gather_window(prefill_s: float, share: float) -> float:
+    """How long an idle worker may gather a burst after its first request, given what its last
+    prefill took: 0 where that would be under a millisecond."""
+    window = min(GATHER_CAP_S, share * prefill_s)
+    return window if window >= GATHER_MIN_S else 0.0
 
 
 def refill_window(prefill_s: float, share: float) -> float:
@@ -78,12 +95,14 @@ class DecodeLoop:
         admission_wait_s: float = ADMISSION_WAIT_S,
         prefill_tokens: int = 0,
         refill_share: float = 0.0,
+        gather_share: float = 0.0,
     ) -> None:
         self._name = name
         self._nice = nice
         self._prefill_tokens = prefill_tokens
         self._admission_wait_s = admission_wait_s
         self._refill_share = refill_share
+        self._gather_share = gather_share
         self._incoming: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -134,6 +153,7 @@ class DecodeLoop:
                         self._quiet.wait(self._admission_wait_s)
                 else:
                     arrived = arrived or [self._incoming.get()]
+                    arrived += self._gather(gather_window(self.prefill_s, self._gather_share))
                 arrived += self._drain()
                 newcomers = [entry for entry in arrived if entry is not None]
                 if len(newcomers) < len(arrived):  # stop() was called
@@ -167,6 +187,31 @@ class DecodeLoop:
                 if not self._admitting:
                     return []
         return []
+
+    def _gather(self, window_s: float) -> list[_Entry | None]:
+        """The requests that arrive within ``window_s`` of now while they keep coming (one being
+        admitted counts as coming); none, and no wait, for a window of 0."""
+        entries: list[_Entry | None] = []
+        now = time.monotonic()
+        deadline = now + window_s
+        gap = GATHER_GAP_S  # for a second request; once one came, a burst is under way
+        quiet_from = min(deadline, now + gap)
+        while now < quiet_from:
+            if self._admitting:
+                self._quiet.wait(deadline - now)
+            try:
+                entry = self._incoming.get(timeout=max(0.0, quiet_from - time.monotonic()))
+            except queue.Empty:
+                if not self._admitting:
+                    break
+            else:
+                entries.append(entry)
+                if entry is None:  # stop() was called
+                    break
+                gap = max(GATHER_GAP_S, window_s / 4)
+            now = time.monotonic()
+            quiet_from = min(deadline, now + gap)
+        return entries
 
     def _drain(self) -> list[_Entry | None]:
         entries: list[_Entry | None] = []

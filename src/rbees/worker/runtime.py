@@ -71,6 +71,7 @@ class WorkerRuntime:
             nice=settings.decode_nice,
             prefill_tokens=settings.prefill_batch_tokens,
             refill_share=settings.refill_share,
+            gather_share=settings.gather_share,
         )
         self._background: set[asyncio.Task[bool]] = set()
 
