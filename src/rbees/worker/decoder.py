@@ -23,7 +23,7 @@ waits a moment (``refill_share`` of the last prefill's time, see ``refill_window
 take its slot: a client that sends its next request as soon as the last ended, or the orchestrator
 dispatching a queued job to the freed slot, reaches the worker a millisecond or two later, and
 would otherwise wait for the whole next pass before its prefill. On a CPU a pass's cost grows with
-its rows, so the share is 0 there: no wait.
+its rows, so both shares are 0 there: no waits.
 
 The thread runs ``nice`` steps below the worker's other threads (Linux, where each thread has its
 own nice value): when the event loop wakes up to admit a request or write a token, the kernel gives
