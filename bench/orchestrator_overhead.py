@@ -33,7 +33,7 @@ direct path only (the orchestrated one is a relay hop later).
 busy holding the GIL (``bench/slow_pass_worker.py``): a GPU's launch-bound pass, whose cost hardly
 depends on its rows, on a CPU; for the effects of when a request arrives within a pass. The worker
 still runs on its cpu backend, so pass the GPU defaults it should use, e.g.
-``--worker-args "--refill-wait 0.125"``.
+``--worker-args "--refill-wait 0.125 --prefill-gather 0.5"``.
 """
 
 from __future__ import annotations
