@@ -348,7 +348,7 @@ def spawned(args: argparse.Namespace) -> Iterator[None]:
         procs.append(
             subprocess.Popen(
                 [str(BIN / "rbees-orcd"), "--port", str(orc_port), "--state-dir", str(tmp / "state"),
-                 "--log-level", "warning", "--queue-size", "4096"],
+                 "--log-level", "warning", "--queue-size", "4096", *shlex.split(args.orchestrator_args)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
             )
         )  # fmt: skip
@@ -450,6 +450,11 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker-args", default="", help="extra rbees-workerd arguments (spawn mode)")
+    ap.add_argument(
+        "--orchestrator-args",
+        default="",
+        help="extra rbees-orcd arguments (spawn mode), e.g. --worker-channels false",
+    )
     ap.add_argument(
         "--pin",
         action="store_true",

@@ -112,9 +112,15 @@ async def _stream_until_first_token(
     return stream, events
 
 
+def _one_event_channel(worker: Worker) -> bool:
+    """The worker's jobs reach it over one event channel, opened when it registered."""
+    return worker.proc.log_text().count("event channel") == 1
+
+
 async def test_worker_killed_after_the_first_token_ends_the_job_with_an_error(setup: Setup) -> None:
     async with aiohttp.ClientSession() as s:
         stream, events = await _stream_until_first_token(s, setup.orcd, "b-steady")
+        assert _one_event_channel(setup.steady)  # the job's events come on it: its loss must end the job
         setup.steady.proc.signal(signal.SIGSTOP)  # freeze it where it is, then kill it
         setup.steady.proc.signal(signal.SIGKILL)
         killed = time.monotonic()
@@ -139,6 +145,7 @@ async def test_a_hung_worker_hits_the_silence_timeout(setup: Setup) -> None:
     try:
         async with aiohttp.ClientSession() as s:
             stream, events = await _stream_until_first_token(s, setup.orcd, "c-hang")
+            assert _one_event_channel(hang)
             hang.proc.signal(signal.SIGSTOP)
             stopped = time.monotonic()
             async for event in stream:

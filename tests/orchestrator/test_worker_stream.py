@@ -94,13 +94,14 @@ async def run(streams: WorkerStreams, uri: str, mode: str, token: str | None = N
         got.append((kind, data))
         return True
 
-    await asyncio.wait_for(streams.execute(uri, token, json.dumps({"mode": mode}).encode(), on_event), 10)
+    body = json.dumps({"mode": mode}).encode()
+    await asyncio.wait_for(streams.execute(uri, token, "j", body, on_event), 10)
     return got
 
 
 async def test_events_in_order_and_the_connection_is_reused(server: tuple[Server, str]) -> None:
     srv, uri = server
-    streams = WorkerStreams()
+    streams = WorkerStreams(channels=False)
     try:
         for _ in range(3):
             got = await run(streams, uri, "good", token="secret")
@@ -115,7 +116,7 @@ async def test_events_in_order_and_the_connection_is_reused(server: tuple[Server
 
 async def test_an_error_answer_is_a_rejection(server: tuple[Server, str]) -> None:
     _, uri = server
-    streams = WorkerStreams()
+    streams = WorkerStreams(channels=False)
     try:
         with pytest.raises(DispatchRejected) as caught:
             await run(streams, uri, "busy")
@@ -128,7 +129,7 @@ async def test_an_error_answer_is_a_rejection(server: tuple[Server, str]) -> Non
 
 async def test_a_stream_cut_before_its_end_is_broken(server: tuple[Server, str]) -> None:
     _, uri = server
-    streams = WorkerStreams()
+    streams = WorkerStreams(channels=False)
     try:
         with pytest.raises(StreamBroken):
             await run(streams, uri, "broken")
@@ -141,7 +142,7 @@ async def test_a_stream_cut_before_its_end_is_broken(server: tuple[Server, str])
 async def test_a_kept_alive_connection_the_worker_closed_is_replaced(server: tuple[Server, str]) -> None:
     srv, uri = server
     srv.close_idle = True
-    streams = WorkerStreams()
+    streams = WorkerStreams(channels=False)
     try:
         for _ in range(3):
             assert [k for k, _ in await run(streams, uri, "good")] == ["started", "token", "end"]
@@ -151,7 +152,7 @@ async def test_a_kept_alive_connection_the_worker_closed_is_replaced(server: tup
 
 
 async def test_nothing_listening_is_an_os_error() -> None:
-    streams = WorkerStreams()
+    streams = WorkerStreams(channels=False)
     try:
         with pytest.raises(OSError):
             await run(streams, "http://127.0.0.1:1", "good")

@@ -87,6 +87,43 @@ def test_running_jobs_take_turns_one_step_each() -> None:
         assert isinstance(end, EndEvent) and end.stop_reason is StopReason.MAX_TOKENS
 
 
+def test_what_a_round_of_turns_made_goes_out_before_the_next_round_and_before_idling() -> None:
+    trace: list[int] = []
+    gate = threading.Event()
+    engine = RecordingEngine(trace, gate)
+    flushed = -1
+
+    def on_round() -> None:
+        with engine.lock:
+            trace.append(flushed)
+
+    loop = DecodeLoop(on_round=on_round)
+    sinks = [Sink() for _ in range(3)]
+    try:
+        for name, sink in enumerate(sinks):
+            loop.submit(_generation(engine, name, 6, sink), sink.exited)
+        gate.set()
+        assert all(s.done.wait(10) for s in sinks)
+        deadline = time.monotonic() + 5
+        while trace[-1] != flushed and time.monotonic() < deadline:  # the loop goes idle
+            time.sleep(0.001)
+    finally:
+        loop.stop()
+    assert trace[-1] == flushed  # nothing is left unwritten while the loop waits for work
+    segments: list[list[int]] = [[]]
+    for name in trace:
+        if name == flushed:
+            segments.append([])
+        else:
+            segments[-1].append(name)
+    steps = [seg for seg in segments if seg]
+    # No job steps twice between two flushes (a job's token never waits for its next one), and once
+    # all three run, a flush comes once per round of three turns, not after every turn.
+    assert all(len(set(seg)) == len(seg) for seg in steps), segments
+    assert sum(len(seg) == 3 for seg in steps) >= 3, segments
+    assert sum(map(len, steps)) == 18 and len(steps) <= 9, segments
+
+
 def test_a_newcomer_gets_its_first_step_before_the_running_jobs_continue() -> None:
     trace: list[int] = []
     engine = RecordingEngine(trace)

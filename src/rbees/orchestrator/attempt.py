@@ -74,8 +74,11 @@ def start_attempt(
 
     body = execute_body(job)
     if streams is not None and streams.handles(uri):
-        sent = streams.send_now(uri, token, body, on_event)
-        return lambda: _outcome(job, worker_id, lambda: streams.execute(uri, token, body, on_event, sent))
+        job_id = job.worker_job_id
+        sent = streams.send_now(uri, token, job_id, body, on_event)
+        return lambda: _outcome(
+            job, worker_id, lambda: streams.execute(uri, token, job_id, body, on_event, sent)
+        )
     return lambda: _outcome(job, worker_id, lambda: dispatcher.execute(session, uri, token, body, on_event))
 
 

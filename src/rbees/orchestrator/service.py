@@ -77,7 +77,7 @@ class JobService:
         self.registry = registry
         self.writer = JobWriter(settings.db_path)
         self.session = session
-        self.streams = WorkerStreams()
+        self.streams = WorkerStreams(channels=settings.worker_channels)
         self.metrics = Metrics()
         self.fleet = Fleet(
             HealthRules(
@@ -150,6 +150,8 @@ class JobService:
         self.registry.upsert_worker(reg, now)
         entry = self.fleet.add(reg, now, known_up=True)
         log.info("worker %s registered: model %s at %s", reg.worker_id, reg.model_ref, reg.uri)
+        if self.streams.handles(reg.uri):  # its event channel, ready before the jobs come
+            self._spawn(self.streams.ready_channel(reg.uri, reg.token))
         self._pump()
         return entry.info()
 

@@ -99,6 +99,11 @@ class OrchestratorSettings(BaseModel):
         default=0.05, ge=0, le=60, description="first retry delay; doubles each retry"
     )
     retry_backoff_max_s: float = Field(default=2.0, ge=0, le=600, description="longest retry delay")
+    worker_channels: bool = Field(
+        default=True,
+        description="take each worker's jobs' events over one connection (its event channel) where the "
+        "worker offers one; false: one stream per job",
+    )
 
     health_interval_s: float = Field(
         default=1.0, gt=0, le=600, description="seconds between health polls of each worker"

@@ -1,4 +1,4 @@
-"""The worker's HTTP surface: ``/execute``, ``/cancel``, ``/health``, and the error envelope.
+"""The worker's HTTP surface: ``/execute``, ``/channel``, ``/cancel``, ``/health``, and the error envelope.
 
 Handlers stay thin: they check the token, parse the body into a protocol model and call the
 ``WorkerRuntime``. Every failure leaves as ``{"error": {...}}``; bad input is a 400, never a 500.
@@ -8,6 +8,7 @@ Handlers stay thin: they check the token, parse the body into a protocol model a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from rbees.httpd import (
 )
 from rbees.protocol import CancelRequest, ErrorCode, ExecuteRequest, RbeesError
 from rbees.worker.auth import check_bearer
+from rbees.worker.channel import CHANNEL_HEADER, CHANNEL_MEDIA_TYPE, Channel
 from rbees.worker.engines.base import EngineLoader
 from rbees.worker.jobs import Job
 from rbees.worker.runtime import JobStream, WorkerRuntime
@@ -44,11 +46,14 @@ class WorkerApp(FastAPI):
     """FastAPI, with ``POST /execute`` answered before the middleware stack and router."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/execute" and scope["method"] == "POST":
+        if scope["type"] == "http" and scope["method"] == "POST":
+            # The streaming answers need uvicorn's own ``send`` (whose transport the decode thread
+            # writes to), not one wrapped by the middleware.
+            handler = _FAST_PATHS.get(scope["path"])
             runtime: WorkerRuntime | None = getattr(self.state, "runtime", None)
-            if runtime is not None:
+            if handler is not None and runtime is not None:
                 scope["app"] = self
-                await execute_asgi(runtime, scope, receive, send)
+                await handler(runtime, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
@@ -60,11 +65,49 @@ async def execute_asgi(runtime: WorkerRuntime, scope: Scope, receive: Receive, s
         auth = headers.get(b"authorization")
         check_bearer(runtime.settings.token, auth.decode("latin-1") if auth is not None else None)
         _check_declared_size(headers.get(b"content-length", b"").decode("latin-1"))
+        channel = headers.get(CHANNEL_HEADER.encode())
         with runtime.admitting():
             request = _parse(await read_body(receive, MAX_BODY_BYTES), ExecuteRequest)
-            return await _start(runtime, request)
+            return await _start(runtime, request, channel.decode("latin-1") if channel is not None else None)
 
     await serve_asgi("POST /execute", scope, receive, send, respond)
+
+
+async def channel_asgi(runtime: WorkerRuntime, scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /channel`` as a bare ASGI handler, as the route below."""
+
+    async def respond(headers: Headers) -> Response:
+        auth = headers.get(b"authorization")
+        check_bearer(runtime.settings.token, auth.decode("latin-1") if auth is not None else None)
+        runtime.ready_engine()
+        return ChannelResponse(runtime, runtime.channels.open(asyncio.get_running_loop()))
+
+    await serve_asgi("POST /channel", scope, receive, send, respond)
+
+
+_FAST_PATHS = {"/execute": execute_asgi, "/channel": channel_asgi}
+
+
+class ChannelResponse(EventStreamResponse):
+    """``POST /channel``: the channel's first line, then its jobs' lines until the client goes away
+    (which cancels them) or the worker stops."""
+
+    def __init__(self, runtime: WorkerRuntime, channel: Channel) -> None:
+        super().__init__(channel.frames(), headers={"Content-Type": CHANNEL_MEDIA_TYPE})
+        self.runtime = runtime
+        self.channel = channel
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.runtime.channels.close(self.channel)
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.channel.first, "more_body": True})
+        self.channel.sink.start(send)  # from here on the decode thread may write the lines itself
+        await self._send_frames(send)
 
 
 class JobStreamResponse(EventStreamResponse):
@@ -92,7 +135,11 @@ class JobStreamResponse(EventStreamResponse):
         await self._send_frames(send)
 
 
-async def _start(runtime: WorkerRuntime, request: ExecuteRequest) -> JobStreamResponse:
+async def _start(runtime: WorkerRuntime, request: ExecuteRequest, channel_id: str | None) -> Response:
+    if channel_id is not None:
+        channel = runtime.channels.get(channel_id)
+        await runtime.start_on_channel(request, channel)
+        return JSONResponse({"job_id": request.job_id, "channel_id": channel.id}, status_code=202)
     job, stream = await runtime.start_job(request)
     return JobStreamResponse(job, stream)
 
@@ -123,7 +170,13 @@ def create_app(
         _check_declared_size(request.headers.get("content-length", ""))
         with runtime.admitting():
             body = _parse(await _read_request(request), ExecuteRequest)
-            return await _start(runtime, body)
+            return await _start(runtime, body, request.headers.get(CHANNEL_HEADER))
+
+    @app.post("/channel")
+    async def channel(request: Request) -> Response:
+        check_bearer(settings.token, request.headers.get("authorization"))
+        runtime.ready_engine()
+        return ChannelResponse(runtime, runtime.channels.open(asyncio.get_running_loop()))
 
     @app.post("/cancel", status_code=202)
     async def cancel(request: Request) -> Response:

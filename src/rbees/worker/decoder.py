@@ -31,7 +31,11 @@ it the CPU at once instead of letting it wait behind the decoding, which keeps e
 On a host shared with an orchestrator and clients (a home lab's one box) their latency no longer
 depends on when the decode thread is next preempted.
 
-    loop = DecodeLoop(nice=5, prefill_tokens=4096)
+What a round of turns produced leaves in one go where the jobs' events go to an event channel
+(``on_round``, called at the end of each round of the running jobs' turns, which is one forward pass
+with a batching engine, after newcomers' first tokens and before any wait).
+
+    loop = DecodeLoop(nice=5, prefill_tokens=4096, on_round=channels.flush)
     with loop.admitting():             # on the event loop, around parsing and admitting a request
         loop.submit(generation, on_exit)   # from any thread; on_exit runs (in the decode thread)
     ...                                # once the generation is over, however it ended
@@ -96,6 +100,7 @@ class DecodeLoop:
         prefill_tokens: int = 0,
         refill_share: float = 0.0,
         gather_share: float = 0.0,
+        on_round: Callable[[], None] | None = None,
     ) -> None:
         self._name = name
         self._nice = nice
@@ -103,6 +108,7 @@ class DecodeLoop:
         self._admission_wait_s = admission_wait_s
         self._refill_share = refill_share
         self._gather_share = gather_share
+        self._on_round = on_round
         self._incoming: queue.SimpleQueue[_Entry | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._stopped = False
@@ -146,13 +152,17 @@ class DecodeLoop:
         newcomers: list[_Entry] = []  # arrived, first step not taken yet
         try:
             waiting: list[_Entry | None] = []  # came while the running jobs waited for them
+            round_left = 0  # turns left in this round of the running jobs
             while True:
                 arrived, waiting = waiting, []
                 if active:
                     if self._admitting:
+                        self._round_over()
                         self._quiet.wait(self._admission_wait_s)
                 else:
-                    arrived = arrived or [self._incoming.get()]
+                    if not arrived:
+                        self._round_over()
+                        arrived = [self._incoming.get()]
                     arrived += self._gather(gather_window(self.prefill_s, self._gather_share))
                 arrived += self._drain()
                 newcomers = [entry for entry in arrived if entry is not None]
@@ -166,14 +176,33 @@ class DecodeLoop:
                     for entry in newcomers:
                         self._turn(entry, active)
                     self.prefill_s = time.perf_counter() - started
+                    self._round_over()  # their first tokens go out now
                 newcomers = []
-                if running and not self._turn(active.popleft(), active):
+                if not running:
+                    continue
+                if round_left <= 0:  # every running job had its turn: the next one starts a pass
+                    self._round_over()
+                    round_left = running
+                round_left -= 1
+                if not self._turn(active.popleft(), active):
                     # A job ended: its client (or the orchestrator's queue) may send the next one.
-                    waiting = self._await_one(refill_window(self.prefill_s, self._refill_share))
+                    window = refill_window(self.prefill_s, self._refill_share)
+                    if window:
+                        self._round_over()
+                    waiting = self._await_one(window)
         finally:
             for generation, on_exit in [*newcomers, *active]:
                 generation.abandon()
                 _call(on_exit)
+
+    def _round_over(self) -> None:
+        """What the jobs' turns produced goes out now (``on_round``): at the end of a round of turns
+        (one forward pass with a batching engine), after newcomers' first tokens, before any wait."""
+        if self._on_round is not None:
+            try:
+                self._on_round()
+            except Exception:
+                log.exception("the end-of-round hook failed")
 
     def _await_one(self, window_s: float) -> list[_Entry | None]:
         """The first request to arrive within ``window_s`` (waiting for one being admitted), if any."""

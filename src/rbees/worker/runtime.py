@@ -4,7 +4,8 @@ Everything here runs on the event loop except the model load (one background thr
 decoding (one decode thread that takes turns among the running jobs, ``DecodeLoop``). Once a job's
 response has started, the decode thread writes its token frames to the client's socket itself
 (``FrameSink``); the terminal frame, and any frame that cannot go out at once, go through the job's
-queue to the loop.
+queue to the loop. A job sent to an event channel (``channel.py``) has its events written there instead,
+a round of turns at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 from rbees.heap import freeze_startup_heap
@@ -33,6 +34,7 @@ from rbees.protocol import (
 )
 from rbees.protocol.events import Event, is_terminal
 from rbees.worker.callback import send_ready
+from rbees.worker.channel import Channel, ChannelTable
 from rbees.worker.decoder import DecodeLoop
 from rbees.worker.direct import FrameSink, Item
 from rbees.worker.engines.base import Engine, EngineLoader, PromptError
@@ -67,11 +69,13 @@ class WorkerRuntime:
         self.load_failed = asyncio.Event()
         self._loader = engine_loader
         self._started = time.monotonic()
+        self.channels = ChannelTable()
         self._decoder = DecodeLoop(
             nice=settings.decode_nice,
             prefill_tokens=settings.prefill_batch_tokens,
             refill_share=settings.refill_share,
             gather_share=settings.gather_share,
+            on_round=self.channels.flush,
         )
         self._background: set[asyncio.Task[bool]] = set()
 
@@ -146,7 +150,7 @@ class WorkerRuntime:
 
     # --- jobs ------------------------------------------------------------------------------------
 
-    def _ready_engine(self) -> Engine:
+    def ready_engine(self) -> Engine:
         if self.status is WorkerStatus.DRAINING:
             raise RbeesError(ErrorCode.SHUTTING_DOWN, "this worker is shutting down", retry_after=1)
         if self.engine is None and self.error is None:
@@ -164,7 +168,89 @@ class WorkerRuntime:
 
     async def start_job(self, request: ExecuteRequest) -> tuple[Job, JobStream]:
         """Admit ``request``, start its decoding; return the job and its SSE stream."""
-        engine = self._ready_engine()
+        job = await self._admit(request)
+        started = encode_sse(self._started_event(job))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        sink = FrameSink(loop, queue, on_broken=job.cancel.set)
+        ended = Flag()
+
+        def finish(last: bytes | None) -> None:  # in the loop, once the decode thread is done
+            sink.close()
+            # Free the slot before the client can see the terminal event, so a client that
+            # sends its next request as soon as this one ends never finds the slot still taken.
+            self.slots.release(job.job_id, job.cancel)
+            if last is not None:
+                queue.put_nowait(LastFrame(last))
+            queue.put_nowait(None)
+
+        def emit(event: Event) -> None:  # in the decode thread
+            frame = encode_sse(event)
+            if is_terminal(event):
+                ended.set()
+                loop.call_soon_threadsafe(finish, frame)
+            else:
+                sink.put(frame)
+
+        self._submit(job, emit, ended, finish)
+        return job, JobStream(started, queue, sink)
+
+    async def start_on_channel(self, request: ExecuteRequest, channel: Channel) -> Job:
+        """Admit ``request`` and start its decoding with its events on ``channel``."""
+        job = await self._admit(request)
+        try:
+            channel.add(job.job_id, job.cancel)
+        except BaseException:
+            self.slots.release(job.job_id, job.cancel)
+            raise
+        loop = asyncio.get_running_loop()
+        ended = Flag()
+        prefix = job.job_id.encode() + b" "
+
+        def finish(last: bytes | None) -> None:  # in the loop, once the decode thread is done
+            self.slots.release(job.job_id, job.cancel)  # before the terminal line, as on a stream
+            channel.put_last(job.job_id, last)
+
+        def emit(event: Event) -> None:  # in the decode thread
+            line = prefix + event.model_dump_json(exclude_none=True).encode() + b"\n"
+            if is_terminal(event):
+                ended.set()
+                loop.call_soon_threadsafe(finish, line)
+            else:
+                channel.put(line)
+
+        # Out with the job's first token, at the end of the round that makes it.
+        channel.put(prefix + self._started_event(job).model_dump_json(exclude_none=True).encode() + b"\n")
+        self._submit(job, emit, ended, finish)
+        return job
+
+    def _submit(
+        self, job: Job, emit: Callable[[Event], None], ended: Flag, finish: Callable[[bytes | None], None]
+    ) -> None:
+        engine = self.engine
+        assert engine is not None
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:  # in the decode thread, after the job's last step
+            if not ended.is_set():
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(finish, None)
+
+        self._decoder.submit(Generation(engine, job, emit), exited)
+
+    def _started_event(self, job: Job) -> StartedEvent:
+        return StartedEvent(
+            job_id=job.job_id,
+            model=self.model_name,
+            started_at=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            seed=job.seed,
+            tokens_in=len(job.prompt_ids),
+            worker_id=self.settings.worker_id,
+        )
+
+    async def _admit(self, request: ExecuteRequest) -> Job:
+        """Take a slot for ``request`` and tokenize its prompt; the job, not yet decoding."""
+        engine = self.ready_engine()
         cancel = self.slots.reserve(request.job_id)
         try:
             if _prompt_chars(request) <= INLINE_ENCODE_CHARS:
@@ -186,44 +272,7 @@ class WorkerRuntime:
             self.slots.release(request.job_id, cancel)
             raise
         seed = request.seed if request.seed is not None else _SEEDS.getrandbits(32)
-        job = Job(job_id=request.job_id, request=request, prompt_ids=prompt_ids, seed=seed, cancel=cancel)
-        started = StartedEvent(
-            job_id=job.job_id,
-            model=self.model_name,
-            started_at=datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            seed=seed,
-            tokens_in=len(prompt_ids),
-            worker_id=self.settings.worker_id,
-        )
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Item] = asyncio.Queue()
-        sink = FrameSink(loop, queue, on_broken=cancel.set)
-        ended = Flag()
-
-        def finish(last: bytes | None) -> None:  # in the loop, once the decode thread is done
-            sink.close()
-            # Free the slot before the client can see the terminal event, so a client that
-            # sends its next request as soon as this one ends never finds the slot still taken.
-            self.slots.release(job.job_id, cancel)
-            if last is not None:
-                queue.put_nowait(LastFrame(last))
-            queue.put_nowait(None)
-
-        def emit(event: Event) -> None:  # in the decode thread
-            frame = encode_sse(event)
-            if is_terminal(event):
-                ended.set()
-                loop.call_soon_threadsafe(finish, frame)
-            else:
-                sink.put(frame)
-
-        def exited() -> None:  # in the decode thread, after the job's last step
-            if not ended.is_set():
-                with contextlib.suppress(RuntimeError):  # the loop is already closed
-                    loop.call_soon_threadsafe(finish, None)
-
-        self._decoder.submit(Generation(engine, job, emit), exited)
-        return job, JobStream(encode_sse(started), queue, sink)
+        return Job(job_id=request.job_id, request=request, prompt_ids=prompt_ids, seed=seed, cancel=cancel)
 
     def cancel(self, job_id: str) -> bool:
         """Ask a running job to stop at its next decode step; False if no such job runs."""
@@ -238,6 +287,7 @@ class WorkerRuntime:
             log.warning("drain deadline passed; cancelling %d running job(s)", self.slots.busy)
             self.cancel_all()
             await self._wait_idle(_CANCEL_GRACE_S)
+        self.channels.close_all()  # their answers end, so the server can stop
         for task in list(self._background):
             task.cancel()
 
