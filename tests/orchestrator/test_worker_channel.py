@@ -43,8 +43,9 @@ def _json_answer(status: str, body: bytes) -> bytes:
 
 
 class ScriptedWorker:
-    def __init__(self, with_channels: bool = True) -> None:
+    def __init__(self, with_channels: bool = True, first_line: bytes | None = None) -> None:
         self.with_channels = with_channels
+        self.first_line = first_line  # instead of a good channel id
         self.channels_opened = 0
         self.channel_asks = 0
         self.on_channel: list[str] = []  # job ids sent to the channel
@@ -76,7 +77,7 @@ class ScriptedWorker:
                     self.channels_opened += 1
                     self.channel = writer
                     writer.write(CHUNKED_HEAD % b"application/x-rbees-channel")
-                    writer.write(_chunk(b'{"channel_id":"c%d"}\n' % self.channels_opened))
+                    writer.write(_chunk(self.first_line or b'{"channel_id":"c%d"}\n' % self.channels_opened))
                     await reader.read()  # the channel stays open until the client closes it
                     return
                 body = json.loads(raw)
@@ -222,6 +223,24 @@ async def test_a_worker_without_channels_gets_a_stream_per_job_and_is_not_asked_
         assert not await streams.ready_channel(uri, None)
         assert w.on_stream == ["s0", "s1", "s2"] and w.on_channel == []
         assert w.channel_asks == 1  # a worker that has none is asked again only after a while
+    finally:
+        streams.close()
+        srv.close()
+
+
+@pytest.mark.parametrize(
+    "first_line",
+    [b'{"channel_id":"c1\\r\\nX-Evil: 1"}\n', b'{"channel_id":""}\n', b"not json\n", b'{"id":"c1"}\n'],
+)
+async def test_a_channel_without_a_sound_id_is_not_used(first_line: bytes) -> None:
+    w = ScriptedWorker(first_line=first_line)
+    srv = await asyncio.start_server(w.handle, "127.0.0.1", 0)
+    uri = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+    streams = WorkerStreams()
+    try:
+        assert not await streams.ready_channel(uri, None)
+        assert _kinds(await run(streams, uri, "s0")) == ["started", "token", "end"]
+        assert w.on_stream == ["s0"] and w.on_channel == []
     finally:
         streams.close()
         srv.close()

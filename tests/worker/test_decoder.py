@@ -117,8 +117,10 @@ def test_what_a_round_of_turns_made_goes_out_before_the_next_round_and_before_id
         else:
             segments[-1].append(name)
     steps = [seg for seg in segments if seg]
-    # No job steps twice between two flushes (a job's token never waits for its next one), and once
-    # all three run, a flush comes once per round of three turns, not after every turn.
+    # Each newcomer's first step is flushed at once; no job steps twice between two flushes (a job's
+    # token never waits for its next one), and once all three run, a flush comes once per round of
+    # three turns, not after every turn.
+    assert steps[:3] == [[0], [1], [2]], segments
     assert all(len(set(seg)) == len(seg) for seg in steps), segments
     assert sum(len(seg) == 3 for seg in steps) >= 3, segments
     assert sum(map(len, steps)) == 18 and len(steps) <= 9, segments

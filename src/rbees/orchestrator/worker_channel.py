@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Callable
 from typing import cast
 
@@ -24,6 +25,7 @@ from rbees.orchestrator.dispatcher import TERMINAL, TOKEN_PREFIX, StreamBroken, 
 OnEvent = Callable[[str, str], bool]
 
 OPEN_TIMEOUT_S = 5.0
+_CHANNEL_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _ERROR_BODY_MAX = 1 << 16
 
 
@@ -126,8 +128,8 @@ class Channel(asyncio.Protocol):
             channel_id = json.loads(line)["channel_id"]
         except (ValueError, KeyError, TypeError):
             channel_id = None
-        if not isinstance(channel_id, str) or not channel_id:
-            self.close()
+        if not isinstance(channel_id, str) or not _CHANNEL_ID.fullmatch(channel_id):
+            self.close()  # it goes into a header of every job's request: nothing else is taken
             return
         self.id = channel_id
         if not self.ready.done():

@@ -251,12 +251,10 @@ class _Pool:
             log.debug("no event channel to %s: %s", self.host_header, exc)
         else:
             self.channel = channel
+            # The same head with the channel's header before the Content-Length that ends it.
             marker = self.head.rindex(b"Content-Length: ")
-            self._channel_head = (
-                self.head[:marker] + b"X-Rbees-Channel: %s\r\n" % channel.id.encode() + self.head[marker:]
-                if channel.id is not None
-                else self.head
-            )
+            header = b"X-Rbees-Channel: %s\r\n" % str(channel.id).encode("latin-1")
+            self._channel_head = self.head[:marker] + header + self.head[marker:]
         finally:
             self.opening = None
 

@@ -33,7 +33,7 @@ depends on when the decode thread is next preempted.
 
 What a round of turns produced leaves in one go where the jobs' events go to an event channel
 (``on_round``, called at the end of each round of the running jobs' turns, which is one forward pass
-with a batching engine, after newcomers' first tokens and before any wait).
+with a batching engine, after each newcomer's first token and before any wait).
 
     loop = DecodeLoop(nice=5, prefill_tokens=4096, on_round=channels.flush)
     with loop.admitting():             # on the event loop, around parsing and admitting a request
@@ -175,8 +175,10 @@ class DecodeLoop:
                     self._prefill(newcomers)
                     for entry in newcomers:
                         self._turn(entry, active)
+                        # Its first token goes out now, not after the other newcomers' turns: a write
+                        # per new job, where the time to first token is at stake.
+                        self._round_over()
                     self.prefill_s = time.perf_counter() - started
-                    self._round_over()  # their first tokens go out now
                 newcomers = []
                 if not running:
                     continue
@@ -197,7 +199,7 @@ class DecodeLoop:
 
     def _round_over(self) -> None:
         """What the jobs' turns produced goes out now (``on_round``): at the end of a round of turns
-        (one forward pass with a batching engine), after newcomers' first tokens, before any wait."""
+        (one forward pass with a batching engine), after a newcomer's first token, before any wait."""
         if self._on_round is not None:
             try:
                 self._on_round()
