@@ -16,7 +16,7 @@ import asyncio
 import json
 import re
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import httptools
 
@@ -38,10 +38,12 @@ class ChannelJob:
         self.on_event = on_event
         self.done = done
         self.got_event = False
-        done.add_done_callback(_consume)
+        done.add_done_callback(consume_outcome)
 
 
-def _consume(future: asyncio.Future[None]) -> None:
+def consume_outcome(future: asyncio.Future[Any]) -> None:
+    """A done-callback for a future nobody may wait for: its exception is not reported as never
+    retrieved."""
     if not future.cancelled():
         future.exception()
 
@@ -55,7 +57,7 @@ class Channel(asyncio.Protocol):
         self.closed = False
         self.jobs: dict[bytes, ChannelJob] = {}
         self.ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.ready.add_done_callback(_consume_str)
+        self.ready.add_done_callback(consume_outcome)
         self._on_lost = on_lost
         self._parser = httptools.HttpResponseParser(self)
         self._status = 0
@@ -166,11 +168,6 @@ class Channel(asyncio.Protocol):
             if not job.done.done():
                 job.done.set_exception(exc)
         self._on_lost(self)
-
-
-def _consume_str(future: asyncio.Future[str]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 async def open_channel(

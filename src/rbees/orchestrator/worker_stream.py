@@ -26,7 +26,7 @@ from rbees.orchestrator.dispatcher import (
     event_type_of,
     rejection,
 )
-from rbees.orchestrator.worker_channel import Channel, ChannelJob, open_channel
+from rbees.orchestrator.worker_channel import Channel, ChannelJob, consume_outcome, open_channel
 from rbees.protocol import SSEParser
 
 OnEvent = Callable[[str, str], bool]
@@ -313,12 +313,7 @@ class Sent:
         self.job = job
         # Nobody may wait for it (the job ended before its relay started): the connection then
         # finishes on its own, and its outcome must not be reported as never retrieved.
-        done.add_done_callback(_consume)
-
-
-def _consume(future: asyncio.Future[None]) -> None:
-    if not future.cancelled():
-        future.exception()
+        done.add_done_callback(consume_outcome)
 
 
 class WorkerStreams:
