@@ -26,6 +26,23 @@ def test_file_env_flags_merge_in_that_order(tmp_path: Path) -> None:
     assert s.host == "127.0.0.1"
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "channels"),
+    [
+        ([], {}, True),
+        (["--worker-channels", "false"], {}, False),
+        ([], {"RBEES_ORCD_WORKER_CHANNELS": "0"}, False),
+        (["--worker-channels", "true"], {"RBEES_ORCD_WORKER_CHANNELS": "false"}, True),
+    ],
+)
+def test_worker_channels_are_on_unless_turned_off(
+    tmp_path: Path, argv: list[str], env: dict[str, str], channels: bool
+) -> None:
+    assert load_settings(["--state-dir", str(tmp_path), *argv], env).worker_channels is channels
+    with pytest.raises(ValidationError):
+        load_settings(["--state-dir", str(tmp_path), "--worker-channels", "sometimes"], {})
+
+
 def test_config_path_from_env(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text("port = 9100\n")
