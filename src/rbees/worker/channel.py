@@ -56,9 +56,6 @@ class Channel:
         self._jobs: dict[str, Flag] = {}
         self.closed = False
 
-    def line(self, job_id: str, event_json: bytes) -> bytes:
-        return b"%s %s\n" % (job_id.encode(), event_json)
-
     def add(self, job_id: str, cancel: Flag) -> None:
         with self._lock:
             if self.closed:
@@ -83,10 +80,7 @@ class Channel:
             self._jobs.pop(job_id, None)
             if line is not None and not self.closed:
                 self._pending.append(line)
-            if self._pending:
-                data = b"".join(self._pending)
-                self._pending = []
-                self.sink.put(data)
+            self.flush()
 
     def close(self) -> int:
         """No more lines; every job still on the channel is cancelled (how many is returned); its
