@@ -148,7 +148,7 @@ class Channel(asyncio.Protocol):
             job.got_event = True
             go_on = job.on_event(event_type, data)
         except Exception as exc:  # noqa: BLE001 - handed on: this job's line or handler failed, it alone ends
-            del self.jobs[job_id]
+            self.jobs.pop(job_id, None)
             if not job.done.done():
                 job.done.set_exception(exc)
             return
