@@ -110,7 +110,7 @@ class ScriptedWorker:
                 else:
                     channel.write(_chunk(b"".join(_lines(job_id))))
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            pass  # the client closed the connection: nothing more to answer on it
 
 
 @pytest.fixture
