@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -31,7 +31,8 @@ from rbees.httpd import (
 )
 from rbees.protocol import CancelRequest, ErrorCode, ExecuteRequest, RbeesError
 from rbees.worker.auth import check_bearer
-from rbees.worker.channel import CHANNEL_HEADER, CHANNEL_MEDIA_TYPE, Channel
+from rbees.worker.channel import CHANNEL_HEADER, CHANNEL_MEDIA_TYPE
+from rbees.worker.direct import FrameSink
 from rbees.worker.engines.base import EngineLoader
 from rbees.worker.jobs import Job
 from rbees.worker.runtime import JobStream, WorkerRuntime
@@ -79,8 +80,7 @@ async def channel_asgi(runtime: WorkerRuntime, scope: Scope, receive: Receive, s
     async def respond(headers: Headers) -> Response:
         auth = headers.get(b"authorization")
         check_bearer(runtime.settings.token, auth.decode("latin-1") if auth is not None else None)
-        runtime.ready_engine()
-        return ChannelResponse(runtime, runtime.channels.open(asyncio.get_running_loop()))
+        return channel_response(runtime)
 
     await serve_asgi("POST /channel", scope, receive, send, respond)
 
@@ -88,51 +88,57 @@ async def channel_asgi(runtime: WorkerRuntime, scope: Scope, receive: Receive, s
 _FAST_PATHS = {"/execute": execute_asgi, "/channel": channel_asgi}
 
 
-class ChannelResponse(EventStreamResponse):
+class DirectWriteResponse(EventStreamResponse):
+    """Headers and a first frame, then the decode thread may write to the socket itself (``sink``);
+    what it leaves to the loop comes through ``frames``. ``on_end`` runs however the answer ends."""
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        first: bytes,
+        sink: FrameSink,
+        on_end: Callable[[], None],
+        on_disconnect: Callable[[], None] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(frames, on_disconnect=on_disconnect, headers=headers)
+        self.first = first
+        self.sink = sink
+        self.on_end = on_end
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_end()
+
+    async def _stream(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.first, "more_body": True})
+        self.sink.start(send)  # from here on the decode thread may write the frames itself
+        await self._send_frames(send)
+
+
+def channel_response(runtime: WorkerRuntime) -> DirectWriteResponse:
     """``POST /channel``: the channel's first line, then its jobs' lines until the client goes away
     (which cancels them) or the worker stops."""
-
-    def __init__(self, runtime: WorkerRuntime, channel: Channel) -> None:
-        super().__init__(channel.frames(), headers={"Content-Type": CHANNEL_MEDIA_TYPE})
-        self.runtime = runtime
-        self.channel = channel
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.runtime.channels.close(self.channel)
-
-    async def _stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self.channel.first, "more_body": True})
-        self.channel.sink.start(send)  # from here on the decode thread may write the lines itself
-        await self._send_frames(send)
+    runtime.ready_engine()
+    channel = runtime.channels.open(asyncio.get_running_loop())
+    return DirectWriteResponse(
+        channel.frames(),
+        channel.first,
+        channel.sink,
+        on_end=lambda: runtime.channels.close(channel),
+        headers={"Content-Type": CHANNEL_MEDIA_TYPE},
+    )
 
 
-class JobStreamResponse(EventStreamResponse):
-    """A job's events; a stream that ends early (client gone, server stopping) cancels the job.
-
-    After the headers and the ``started`` frame, the decode thread may write token frames to the
-    socket itself (``JobStream.sink``); what it leaves to the loop comes through ``frames()``.
-    """
-
-    def __init__(self, job: Job, stream: JobStream) -> None:
-        super().__init__(stream.frames(), on_disconnect=job.cancel.set)
-        self.job = job
-        self.stream = stream
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.job.cancel.set()  # a no-op for a job that already ended
-
-    async def _stream(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self.stream.first, "more_body": True})
-        self.stream.sink.start(send)  # from here on the decode thread may write the tokens itself
-        await self._send_frames(send)
+def job_stream_response(job: Job, stream: JobStream) -> DirectWriteResponse:
+    """A job's events: the ``started`` frame, then its tokens; a stream that ends early (client gone,
+    server stopping) cancels the job (a no-op for a job that already ended)."""
+    return DirectWriteResponse(
+        stream.frames(), stream.first, stream.sink, on_end=job.cancel.set, on_disconnect=job.cancel.set
+    )
 
 
 async def _start(runtime: WorkerRuntime, request: ExecuteRequest, channel_id: str | None) -> Response:
@@ -141,7 +147,7 @@ async def _start(runtime: WorkerRuntime, request: ExecuteRequest, channel_id: st
         await runtime.start_on_channel(request, channel)
         return JSONResponse({"job_id": request.job_id, "channel_id": channel.id}, status_code=202)
     job, stream = await runtime.start_job(request)
-    return JobStreamResponse(job, stream)
+    return job_stream_response(job, stream)
 
 
 def create_app(
@@ -175,8 +181,7 @@ def create_app(
     @app.post("/channel")
     async def channel(request: Request) -> Response:
         check_bearer(settings.token, request.headers.get("authorization"))
-        runtime.ready_engine()
-        return ChannelResponse(runtime, runtime.channels.open(asyncio.get_running_loop()))
+        return channel_response(runtime)
 
     @app.post("/cancel", status_code=202)
     async def cancel(request: Request) -> Response:
