@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from rbees.httpd import LastFrame
+from rbees.orchestrator.event_frames import EventFrames, sse_frame
 from rbees.orchestrator.registry import JobRecord
 from rbees.orchestrator.scheduler import Decision, JobView
 from rbees.protocol import ErrorCode, Event, StopReason, TaskRequest, parse_event
@@ -74,10 +75,6 @@ def dumps(value: dict[str, Any]) -> str:
 Pusher = Callable[["JobEvent"], bool]
 
 
-def sse_frame(event_id: int, data: str) -> bytes:
-    return b"id: %d\ndata: %s\n\n" % (event_id, data.encode())
-
-
 class EventLog:
     """Numbered events with exactly one terminal event, followed by any number of readers.
 
@@ -86,17 +83,36 @@ class EventLog:
     """
 
     def __init__(self) -> None:
-        self.events: list[JobEvent] = []
+        self._frames = EventFrames()  # kept out of the garbage collector's walks (see event_frames)
         self.closed = False
         self._waiters: list[asyncio.Future[None]] = []
         self._pushers: list[Pusher] = []
 
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def event(self, index: int) -> JobEvent:
+        """The event at ``index`` (its id is ``index + 1``, but in a replayed log)."""
+        frames = self._frames
+        event_id = frames.first_id + index
+        return JobEvent(event_id, frames.type_at(index), frames.data_at(index), frames.frame_at(index))
+
+    @property
+    def events(self) -> list[JobEvent]:
+        """Every event so far, in order."""
+        return [self.event(index) for index in range(len(self._frames))]
+
+    def last_of_type(self, event_type: str) -> JobEvent | None:
+        """The latest event of ``event_type``, if any."""
+        index = self._frames.last_index_of(event_type)
+        return None if index is None else self.event(index)
+
     def append(self, event_type: str, data: str) -> JobEvent | None:
         if self.closed:
             return None
-        event_id = len(self.events) + 1
+        event_id = self._frames.first_id + len(self._frames)
         event = JobEvent(event_id, event_type, data, sse_frame(event_id, data))
-        self.events.append(event)
+        self._frames.add(event_type, event.frame)
         self.closed = event_type in TERMINAL_TYPES
         if self._pushers:
             self._pushers = [push for push in self._pushers if push(event)]
@@ -128,8 +144,8 @@ class EventLog:
         """Every event after ``last_id``, live, until (and including) the terminal one."""
         index = max(0, last_id)
         while True:
-            while index < len(self.events):
-                event = self.events[index]
+            while index < len(self._frames):
+                event = self.event(index)
                 index += 1
                 yield event
                 if event.terminal:
@@ -141,12 +157,10 @@ class EventLog:
     def frames_after(self, index: int) -> tuple[bytes, int, bool] | None:
         """The SSE bytes of every event after the first ``index`` in one piece, the index reached and
         whether its last event is the terminal one; None while there are none."""
-        end = len(self.events)
+        end = len(self._frames)
         if index >= end:
             return None
-        batch = self.events[index:end]
-        frames = batch[0].frame if len(batch) == 1 else b"".join(e.frame for e in batch)
-        return frames, end, batch[-1].terminal
+        return self._frames.frames(index, end), end, self._frames.type_at(end - 1) in TERMINAL_TYPES
 
     async def follow_frames(self, last_id: int = 0) -> AsyncIterator[bytes]:
         """Like ``follow`` but as SSE bytes, with every event already waiting sent in one piece."""
@@ -196,7 +210,8 @@ class EventLog:
             }
         data = dumps(body)
         event_id = max(0, after_id) + 1
-        log.events.append(JobEvent(event_id, body["type"], data, sse_frame(event_id, data)))
+        log._frames = EventFrames(first_id=event_id)
+        log._frames.add(body["type"], sse_frame(event_id, data))
         log.closed = True
         return log
 
@@ -289,11 +304,9 @@ class Job:
     def tokens_so_far(self) -> int:
         """Tokens generated so far, from the index of the last token event (tokens are not counted one
         by one on the relay path, and one event may carry several tokens)."""
-        for event in reversed(self.log.events):
-            if event.type == "token":
-                index = event.fields().get("i")
-                return index + 1 if isinstance(index, int) else 0
-        return 0
+        event = self.log.last_of_type("token")
+        index = event.fields().get("i") if event is not None else None
+        return index + 1 if isinstance(index, int) else 0
 
     def end(self, stop_reason: StopReason, **extra: Any) -> JobEvent | None:
         body = {
