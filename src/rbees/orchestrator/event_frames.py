@@ -1,11 +1,12 @@
-"""``EventFrames``: a job's events, stored where the cyclic garbage collector never looks.
+"""``EventFrames``: a job's events, stored so that the cyclic garbage collector never walks them.
 
 The orchestrator keeps every event of a job (a thousand finished jobs by default) so that any client can
 replay it. Kept as one Python object per event, the retained logs of long answers made each full
 collection walk hundreds of thousands of objects while every stream waited (1000 jobs of 512 tokens:
 ~85 ms a pass on a small VM); even as lists of ``bytes`` each pass still visits every item. Here a log
-is a ``bytearray`` of SSE frames back to back plus two ``array`` columns (where each frame ends, which
-type it has): objects the collector does not track, whatever their size.
+is a ``bytearray`` of SSE frames back to back (not tracked by the collector) plus two ``array`` columns
+(where each frame ends, which type it has; tracked, but with nothing inside to visit): a handful of
+objects per job, however many events it has (~1.4 ms a pass for the same thousand jobs).
 
 An event's frame is ``id: <n>\\ndata: <JSON>\\n\\n``, its JSON one line, so the JSON is read back from it.
 """
