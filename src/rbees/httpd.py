@@ -156,6 +156,26 @@ async def read_body(receive: Receive, limit: int | None = None) -> bytes:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def accepts_event_stream(accept: str) -> bool:
+    """Whether an ``Accept`` header asks for ``text/event-stream`` (named, in any case, with a
+    non-zero ``q``; ``*/*`` and ``text/*`` do not count: a stream has to be asked for)."""
+    for media_range in accept.split(","):
+        kind, *params = (part.strip() for part in media_range.split(";"))
+        if kind.lower() != "text/event-stream":
+            continue
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    if float(value) <= 0:
+                        break
+                except ValueError:
+                    break
+        else:
+            return True
+    return False
+
+
 class LastFrame(bytes):
     """The final piece of an event stream: the response can end in the same write."""
 

@@ -48,8 +48,10 @@ def wait_http(url: str, timeout: float = 60.0, *, until: str | None = None, proc
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
+        code = proc.poll() if proc is not None else None
+        if code is not None:
+            tail = proc.log_text()[-3000:] if hasattr(proc, "log_text") else ""
+            raise RuntimeError(f"process exited with {code} while waiting for {url}\n{tail}")
         try:
             body = get_json(url)
             if until is None or body.get("status") == until:

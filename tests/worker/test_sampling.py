@@ -72,3 +72,18 @@ def test_greedy_with_repetition_penalty_avoids_repeats() -> None:
 def test_top_k_one_is_greedy_at_any_temperature() -> None:
     params = SamplingParams(prompt="x", temperature=2.0, top_k=1)
     assert set(_draw(params, 3)) == {49}
+
+
+def test_temperatures_and_penalties_too_small_to_scale_by_pick_their_limit_the_best_token() -> None:
+    # Dividing float32 logits by these overflows; sampling once failed with "probability tensor
+    # contains either inf, nan or element < 0".
+    mixed = torch.tensor([1.0, 2.0, -3.0, 5.0, 0.5])
+    negative = torch.tensor([-4.0, -1.0, -2.0, -3.0, -5.0])
+    for temperature in (1e-300, 5e-324, 1e-40):
+        for logits, best in ((mixed, 3), (negative, 1)):
+            params = SamplingParams(prompt="x", temperature=temperature)
+            assert Sampler(params, 7, 5, []).pick(logits) == best
+    # a penalty below 1 favours tokens already seen: this small, a seen token with a positive logit
+    # is all that is left
+    params = SamplingParams(prompt="x", temperature=0.7, repetition_penalty=1e-300)
+    assert [Sampler(params, seed, 5, [0]).pick(mixed) for seed in range(5)] == [0] * 5

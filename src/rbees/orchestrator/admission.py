@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import Protocol, TypeVar
+
 from rbees.orchestrator.fleet import Fleet, WorkerEntry
 from rbees.protocol import ErrorCode, RbeesError, TaskRequest
 
@@ -65,3 +68,26 @@ def no_worker(request: TaskRequest, gone_after_s: float) -> RbeesError:
         f"not answered for {gone_after_s:g}s",
         retry_after=10,
     )
+
+
+class _Waiting(Protocol):
+    @property
+    def request(self) -> TaskRequest: ...
+
+
+W = TypeVar("W", bound=_Waiting)
+
+
+def stranded_requests(
+    waiting: Iterable[W], fleet: Fleet, now: float, gone_after_s: float
+) -> Iterator[tuple[W, RbeesError]]:
+    """Each of the ``waiting`` jobs no worker is left to take (see ``stranded``), with its error."""
+    # Models some worker may still serve; only jobs pinned to a worker or pool, or for another
+    # model, need a closer look.
+    live = {e.reg.model_ref for e in fleet.entries.values() if not stranded([e], now, gone_after_s)}
+    for job in waiting:
+        request = job.request
+        if request.placement is None and request.model in live:
+            continue
+        if stranded(candidates(request, fleet), now, gone_after_s):
+            yield job, no_worker(request, gone_after_s)

@@ -44,6 +44,17 @@ class WorkerInfo(BaseModel):
     last_error: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """One model the orchestrator can serve (for ``/v1/models``)."""
+
+    model: str
+    workers: int
+    schedulable_workers: int
+    slots_total: int
+    created_at: float
+
+
 @dataclass
 class WorkerEntry:
     reg: WorkerRegistration
@@ -152,6 +163,19 @@ class Fleet:
         for e in self.entries.values():
             out.setdefault(e.reg.model_ref, []).append(e)
         return out
+
+    def summaries(self) -> list[ModelSummary]:
+        """Every model some registered worker serves, by name."""
+        return [
+            ModelSummary(
+                model=model,
+                workers=len(entries),
+                schedulable_workers=sum(e.schedulable for e in entries),
+                slots_total=sum(e.slots_total for e in entries),
+                created_at=min(e.registered_at for e in entries),
+            )
+            for model, entries in sorted(self.models().items())
+        ]
 
     def pools(self) -> set[str]:
         return {e.pool for e in self.entries.values()}

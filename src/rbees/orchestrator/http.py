@@ -11,7 +11,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
-from rbees.httpd import invalid_request
+from rbees.httpd import MAX_BODY_BYTES, invalid_request, read_body
 from rbees.orchestrator.service import JobService
 from rbees.orchestrator.settings import OrchestratorSettings
 from rbees.protocol import ErrorCode, RbeesError
@@ -99,3 +99,8 @@ def parse_body(model: type[Model], body: bytes) -> Model:
         return model.model_validate_json(body)
     except ValidationError as exc:
         raise invalid_request(exc.errors(include_url=False, include_context=False)) from None
+
+
+async def limited_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request's body; past ``limit`` bytes it is refused (400) as soon as it grows too big."""
+    return await read_body(request.receive, limit)

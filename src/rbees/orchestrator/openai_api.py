@@ -29,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.types import Receive
 
 from rbees.httpd import EventStreamResponse
-from rbees.orchestrator.http import require_client, service
+from rbees.orchestrator.fleet import ModelSummary
+from rbees.orchestrator.http import limited_body, require_client, service
 from rbees.orchestrator.jobs import Job
-from rbees.orchestrator.service import JobService, ModelSummary
+from rbees.orchestrator.service import JobService
 from rbees.protocol import (
     ERROR_STATUS,
     EndEvent,
@@ -116,7 +117,8 @@ def _unsupported(param: str, message: str) -> OpenAIError:
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Strict like /v2: "stream": "yes" or "max_tokens": "2" is a mistake to report, not to guess at.
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 class _StreamOptions(_Body):
@@ -178,7 +180,8 @@ class ChatCompletionRequest(_Common):
 
     def task(self) -> TaskRequest:
         messages = [_chat_message(i, m) for i, m in enumerate(self.messages)]
-        fields = self.task_fields(self.max_completion_tokens or self.max_tokens)
+        limit = self.max_tokens if self.max_completion_tokens is None else self.max_completion_tokens
+        fields = self.task_fields(limit)
         return _task({**fields, "messages": messages})
 
 
@@ -198,7 +201,8 @@ class CompletionRequest(_Common):
     def task(self) -> TaskRequest:
         if self.suffix:
             raise _unsupported("suffix", "suffix (insertion) is not supported")
-        fields = self.task_fields(self.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS)
+        limit = COMPLETIONS_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+        fields = self.task_fields(limit)
         return _task({**fields, "prompt": self.text})
 
 
@@ -391,12 +395,10 @@ def build_openai_router(
         try:
             authorize(request)
             try:
-                raw = await request.json()
-            except ValueError:
-                raise OpenAIError(400, "the body must be a JSON object", code="invalid_json") from None
-            try:
-                body = kind.model_validate(raw)
+                body = kind.model_validate_json(await limited_body(request))
             except ValidationError as exc:
+                if exc.errors()[0]["type"] == "json_invalid":
+                    raise OpenAIError(400, "the body must be a JSON object", code="invalid_json") from None
                 raise OpenAIError.invalid(exc) from None
             task = body.task()
             prefix = body.text if isinstance(body, CompletionRequest) and body.echo else ""

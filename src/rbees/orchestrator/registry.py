@@ -20,6 +20,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from rbees.protocol import WorkerRegistration
 
 log = logging.getLogger("rbees.orchestrator.registry")
@@ -157,10 +159,20 @@ class Registry:
         return cur.rowcount > 0
 
     def workers(self) -> list[WorkerRecord]:
+        """The registered workers; a stored registration that no longer reads as one (written by an
+        older, laxer version) is left out with a warning rather than keeping the orchestrator down."""
         rows = self._db.execute(
-            "SELECT registration, registered_at, last_seen FROM workers ORDER BY worker_id"
+            "SELECT worker_id, registration, registered_at, last_seen FROM workers ORDER BY worker_id"
         ).fetchall()
-        return [WorkerRecord(WorkerRegistration.model_validate_json(r[0]), r[1], r[2]) for r in rows]
+        records = []
+        for worker_id, registration, registered_at, last_seen in rows:
+            try:
+                reg = WorkerRegistration.model_validate_json(registration)
+            except ValidationError as exc:
+                log.warning("ignoring the stored registration of worker %r: %s", worker_id, exc)
+                continue
+            records.append(WorkerRecord(reg, registered_at, last_seen))
+        return records
 
     # jobs
 

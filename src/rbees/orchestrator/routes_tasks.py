@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from rbees.httpd import MAX_BODY_BYTES, Headers, read_body, serve_asgi
+from rbees.httpd import MAX_BODY_BYTES, Headers, accepts_event_stream, read_body, serve_asgi
 from rbees.orchestrator.event_stream import JobEventsResponse
 from rbees.orchestrator.http import check_bearer, parse_body, require_client, service
 from rbees.orchestrator.jobs import TaskInfo
@@ -28,7 +28,7 @@ submit_router = APIRouter(prefix="/v2/tasks")
 
 
 def wants_stream(request: Request) -> bool:
-    return "text/event-stream" in request.headers.get("accept", "")
+    return accepts_event_stream(request.headers.get("accept", ""))
 
 
 @submit_router.post(
@@ -73,7 +73,7 @@ def _with_the_only_model(svc: JobService, body: bytes) -> TaskRequest:
     exactly one; otherwise (or when anything else is wrong with it) the body's error stands."""
     try:
         fields = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can follow
         fields = None
     if not isinstance(fields, dict) or "model" in fields:
         return parse_body(TaskRequest, body)  # raises the original error
@@ -99,7 +99,7 @@ async def submit_asgi(
             auth = headers.get(b"authorization", b"").decode("latin-1")
             check_bearer(auth, [settings.api_token], (settings.registration_token,))
         body = await read_body(receive, MAX_BODY_BYTES)
-        stream = "text/event-stream" in headers.get(b"accept", b"").decode("latin-1")
+        stream = accepts_event_stream(headers.get(b"accept", b"").decode("latin-1"))
         response = _submitted(svc, body, stream)
         # The request to the worker already went out if a kept-alive connection was idle; if not,
         # let the dispatch task start connecting before this answer is written.
@@ -142,12 +142,9 @@ async def cancel_task(job_id: str, request: Request) -> TaskInfo:
 def _last_id(header: str | None, query: int | None) -> int:
     if header is None or not header.strip():
         return query or 0
-    try:
-        value = int(header.strip())
-    except ValueError:
-        raise RbeesError(
-            ErrorCode.INVALID_REQUEST, "Last-Event-ID must be an event id (an integer)"
-        ) from None
-    if value < 0:
+    text = header.strip()
+    if text.startswith("-") and text[1:].isdecimal():
         raise RbeesError(ErrorCode.INVALID_REQUEST, "Last-Event-ID must not be negative")
-    return value
+    if not (text.isascii() and text.isdecimal()) or len(text) > 18:
+        raise RbeesError(ErrorCode.INVALID_REQUEST, "Last-Event-ID must be an event id (an integer)")
+    return int(text)

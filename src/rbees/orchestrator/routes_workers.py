@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 
 from rbees.orchestrator.fleet import WorkerInfo
 from rbees.orchestrator.http import (
+    limited_body,
     parse_body,
     require_client,
     require_operator,
@@ -17,6 +18,8 @@ from rbees.orchestrator.http import (
 from rbees.protocol import WorkerRegistration
 
 router = APIRouter()
+
+REGISTRATION_MAX_BYTES = 64 * 1024  # a registration is well under 2 KiB
 
 
 @router.post(
@@ -30,7 +33,7 @@ router = APIRouter()
 async def register_worker(request: Request) -> WorkerInfo:
     # The body is read as JSON whatever its content type (``curl -d`` sends a form type), as on
     # /v2/tasks and the workers' own endpoints.
-    registration = parse_body(WorkerRegistration, await request.body())
+    registration = parse_body(WorkerRegistration, await limited_body(request, REGISTRATION_MAX_BYTES))
     return service(request).register_worker(registration)
 
 

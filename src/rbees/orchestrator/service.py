@@ -21,15 +21,14 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from rbees.orchestrator import dispatcher
-from rbees.orchestrator.admission import admit, candidates, no_worker, stranded
+from rbees.orchestrator.admission import admit, stranded_requests
 from rbees.orchestrator.attempt import Outcome, Result, start_attempt
-from rbees.orchestrator.fleet import Fleet, WorkerInfo
+from rbees.orchestrator.fleet import Fleet, ModelSummary, WorkerInfo
 from rbees.orchestrator.gauges import register_gauges
 from rbees.orchestrator.health_poller import HealthPoller, HealthRules, Probe
 from rbees.orchestrator.jobs import EventLog, Job, JobState, TaskInfo, task_info
@@ -56,17 +55,6 @@ _WATCH_INTERVAL_S = 0.1
 _IDLE_WATCH_INTERVAL_S = 1.0
 _WORKER_CANCEL_TIMEOUT_S = 2.0
 _BUSY = "the worker is busy"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSummary:
-    """One model the orchestrator can serve (for ``/v1/models``)."""
-
-    model: str
-    workers: int
-    schedulable_workers: int
-    slots_total: int
-    created_at: float
 
 
 class JobService:
@@ -166,18 +154,7 @@ class JobService:
         return [e.info() for e in self.fleet.entries.values()]
 
     def models(self) -> list[ModelSummary]:
-        out = []
-        for model, entries in sorted(self.fleet.models().items()):
-            out.append(
-                ModelSummary(
-                    model=model,
-                    workers=len(entries),
-                    schedulable_workers=sum(e.schedulable for e in entries),
-                    slots_total=sum(e.slots_total for e in entries),
-                    created_at=min(e.registered_at for e in entries),
-                )
-            )
-        return out
+        return self.fleet.summaries()
 
     def health(self) -> OrchestratorHealth:
         return OrchestratorHealth(
@@ -235,6 +212,11 @@ class JobService:
         the live log, or a job known from the database alone replayed as its terminal event."""
         job = self._jobs.get(job_id)
         if job is not None:
+            if last_id > len(job.log):
+                raise RbeesError(
+                    ErrorCode.INVALID_REQUEST,
+                    f"Last-Event-ID {last_id} is past the last event of job {job_id!r} ({len(job.log)})",
+                )
             return job.log, last_id
         return EventLog.replay_of(self._stored(job_id), after_id=last_id), 0
 
@@ -334,24 +316,34 @@ class JobService:
         job.dispatched_at = now
         job.last_event_at = now
         entry = self.fleet.get(worker_id)
-        attempt = None
+        attempt: Callable[[], Coroutine[Any, Any, Result]] | str = (
+            f"worker {worker_id} left before the job reached it"
+        )
         if entry is not None:
             # The request goes out now where a kept-alive connection allows: a burst of submissions
             # reaches the worker as it arrives, not after every client of the burst was answered.
-            attempt = start_attempt(
-                self.session, job, worker_id, entry.reg.uri, entry.reg.token, self.metrics.ttft, self.streams
-            )
+            try:
+                attempt = start_attempt(
+                    self.session,
+                    job,
+                    worker_id,
+                    entry.reg.uri,
+                    entry.reg.token,
+                    self.metrics.ttft,
+                    self.streams,
+                )
+            except Exception as exc:  # a request that cannot be made fails this attempt alone
+                log.error("job %s could not be sent to worker %s", job.id, worker_id, exc_info=True)
+                attempt = f"the job could not be sent to worker {worker_id}: {type(exc).__name__}: {exc}"
         job.task = asyncio.create_task(self._run(job, worker_id, attempt), name=f"rbees-job-{job.id}")
 
     async def _run(
-        self, job: Job, worker_id: str, attempt: Callable[[], Coroutine[Any, Any, Result]] | None
+        self, job: Job, worker_id: str, attempt: Callable[[], Coroutine[Any, Any, Result]] | str
     ) -> None:
+        """Run one attempt (or, given a reason, fail it at once) and retry or end the job after it."""
         failure: str | None = None
         try:
-            if attempt is None:
-                failure = f"worker {worker_id} left before the job reached it"
-            else:
-                failure = self._judge(worker_id, await attempt())
+            failure = attempt if isinstance(attempt, str) else self._judge(worker_id, await attempt())
         finally:
             self._release_slot(job)
             if failure is not None and not job.done:
@@ -457,18 +449,21 @@ class JobService:
         while True:
             # Tick fast only while there are jobs to watch; an idle orchestrator wakes once a second.
             await asyncio.sleep(_WATCH_INTERVAL_S if self._active else _IDLE_WATCH_INTERVAL_S)
-            now = time.monotonic()
-            for job in list(self._active.values()):
-                clock = Clock(
-                    job.queued_at, job.deadline_at, job.dispatched_at, job.last_event_at, job.got_token
-                )
-                hit = expired(clock, now, self._limits)
-                if hit is not None:
-                    self.metrics.timeouts.inc(kind=hit.kind)
-                    log.info("job %s timed out (%s): %s", job.id, hit.kind, hit.message)
-                    job.fail(ErrorCode.TIMEOUT, hit.message, retriable=True)
-            self._fail_stranded(now)
-            self._evict(now)
+            try:
+                self._tick(time.monotonic())
+            except Exception:  # the timeouts of every job depend on the next tick
+                log.error("the watchdog's tick failed; it goes on", exc_info=True)
+
+    def _tick(self, now: float) -> None:
+        for job in list(self._active.values()):
+            clock = Clock(job.queued_at, job.deadline_at, job.dispatched_at, job.last_event_at, job.got_token)
+            hit = expired(clock, now, self._limits)
+            if hit is not None:
+                self.metrics.timeouts.inc(kind=hit.kind)
+                log.info("job %s timed out (%s): %s", job.id, hit.kind, hit.message)
+                job.fail(ErrorCode.TIMEOUT, hit.message, retriable=True)
+        self._fail_stranded(now)
+        self._evict(now)
 
     def _fail_stranded(self, now: float) -> None:
         """End the jobs still waiting for a worker when none is left that could take them (all gone
@@ -476,16 +471,9 @@ class JobService:
         gone_after = self.settings.no_worker_timeout_s
         if gone_after <= 0 or not len(self.queue):
             return
-        # Models some worker may still serve; only jobs pinned to a worker or pool, or for another
-        # model, need a closer look.
-        live = {e.reg.model_ref for e in self.fleet.entries.values() if not stranded([e], now, gone_after)}
-        for job in list(self._active.values()):
-            waiting = job.dispatched_at is None and not job.done
-            if not waiting or (job.request.placement is None and job.request.model in live):
-                continue
-            if stranded(candidates(job.request, self.fleet), now, gone_after):
-                error = no_worker(job.request, gone_after)
-                job.fail(error.code, error.message, retriable=True)
+        waiting = [j for j in self._active.values() if j.dispatched_at is None and not j.done]
+        for job, error in stranded_requests(waiting, self.fleet, now, gone_after):
+            job.fail(error.code, error.message, retriable=True)
 
     def _evict(self, now: float) -> None:
         keep, ttl = self.settings.job_retention, self.settings.job_retention_s

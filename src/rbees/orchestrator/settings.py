@@ -16,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rbees.protocol import BearerToken
+
 ENV_PREFIX = "RBEES_ORCD_"
 
 
@@ -38,10 +40,10 @@ class OrchestratorSettings(BaseModel):
         default_factory=lambda: Path.home() / ".rbees" / "orcd",
         description="directory of the SQLite registry",
     )
-    api_token: str | None = Field(
+    api_token: BearerToken | None = Field(
         default=None, description="bearer token clients must send (all routes but /health)"
     )
-    registration_token: str | None = Field(
+    registration_token: BearerToken | None = Field(
         default=None, description="bearer token workers must send to register (else the API token)"
     )
     public_url: str | None = Field(

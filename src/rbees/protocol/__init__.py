@@ -18,7 +18,9 @@ from rbees.protocol.events import (
     parse_event,
 )
 from rbees.protocol.health import (
+    BearerToken,
     OrchestratorHealth,
+    PoolName,
     WorkerHealth,
     WorkerRegistration,
     WorkerStatus,
@@ -40,6 +42,7 @@ from rbees.protocol.sse import SSEMessage, SSEParser, encode_sse
 __all__ = [
     "ERROR_STATUS",
     "Backend",
+    "BearerToken",
     "CancelRequest",
     "ChatMessage",
     "EndEvent",
@@ -52,6 +55,7 @@ __all__ = [
     "MetricsEvent",
     "OrchestratorHealth",
     "Placement",
+    "PoolName",
     "Priority",
     "QueuedEvent",
     "RbeesError",

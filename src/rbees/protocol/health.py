@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from rbees.protocol.requests import Backend
+
+
+def _header_safe(token: str) -> str:
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError("a token must be printable ASCII without spaces (it is sent in an HTTP header)")
+    return token
+
+
+BearerToken = Annotated[str, StringConstraints(min_length=1, max_length=1024), AfterValidator(_header_safe)]
+PoolName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 
 
 class WorkerStatus(StrEnum):
@@ -47,12 +58,23 @@ class WorkerRegistration(BaseModel):
     uri: Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=512)]
     model_ref: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     backend: Backend
-    device: str
-    gpu: int | None = None
+    device: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    gpu: int | None = Field(default=None, ge=0, le=1024)
     vram_bytes: int = Field(default=0, ge=0)
     slots_total: int = Field(ge=1, le=1024)
-    pool: str | None = None
-    token: str | None = None
+    pool: PoolName | None = None
+    token: BearerToken | None = None  # the worker's own, sent in a header to call it
+
+    @field_validator("uri")
+    @classmethod
+    def _reachable_uri(cls, uri: str) -> str:
+        """A URI the orchestrator can call: a host, and a port (when given) in 1-65535."""
+        parts = urlsplit(uri)  # raises ValueError for e.g. an unclosed IPv6 bracket
+        if not parts.hostname:
+            raise ValueError("the uri has no host")
+        if parts.port == 0:  # .port raises ValueError past 65535 or for a port that is no number
+            raise ValueError("the uri's port must be 1-65535")
+        return uri
 
 
 class OrchestratorHealth(BaseModel):

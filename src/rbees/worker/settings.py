@@ -12,7 +12,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from rbees.protocol import Backend
+from rbees.protocol import Backend, BearerToken, PoolName
 
 TOKEN_ENV = "RBEES_WORKER_TOKEN"
 CALLBACK_TOKEN_ENV = "RBEES_CALLBACK_TOKEN"
@@ -33,11 +33,11 @@ class WorkerSettings(BaseModel):
     gpu: int | None = Field(default=None, ge=0)
     model_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
     callback_urls: tuple[Url, ...] = ()
-    callback_token: str | None = None
+    callback_token: BearerToken | None = None
     advertise_url: Url | None = None
-    pool: str | None = None
+    pool: PoolName | None = None
     slots: int = Field(default=1, ge=1, le=1024)
-    token: str | None = None
+    token: BearerToken | None = None
     threads: int | None = Field(default=None, ge=1, le=1024)
     decode_nice: int = Field(default=5, ge=0, le=19)
     prefill_batch_tokens: int = Field(default=4096, ge=0, le=1_000_000)

@@ -6,6 +6,7 @@ Temperature 0 is greedy (argmax after the repetition penalty). All tensors are 1
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -89,7 +90,13 @@ class Sampler:
         logits = apply_repetition_penalty(logits, self._seen, params.repetition_penalty)
         if params.temperature == 0.0:
             return int(torch.argmax(logits).item())
-        logits = apply_temperature(logits, params.temperature)
+        tempered = apply_temperature(logits, params.temperature)
+        if not math.isfinite(float(tempered.max())):
+            # A temperature (or penalty) so small that the scaled logits overflow: sampling at it is,
+            # to within float precision, its limit, the most likely token (dividing by a temperature
+            # keeps the order).
+            return int(torch.argmax(logits).item())
+        logits = tempered
         logits = apply_top_k(logits, params.top_k)
         logits = apply_top_p(logits, params.top_p)
         logits = apply_min_p(logits, params.min_p)
