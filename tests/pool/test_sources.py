@@ -75,6 +75,16 @@ def test_from_a_local_directory(pool_home: Path, tiny_llama: Path) -> None:
     assert not [p for p in model.parent.iterdir() if p.name.startswith(".")]  # no staging left
 
 
+def test_a_bad_source_leaves_a_downloaded_model_downloaded(pool_home: Path, tiny_llama: Path) -> None:
+    register("tiny")
+    rbees_pool("models", "download", "tiny", "--from", str(tiny_llama), check=True)
+    for bad in (pool_home / "nonexistent", tiny_llama.parent):  # missing; no model in it
+        refused = rbees_pool("models", "download", "tiny", "--from", str(bad))
+        assert refused.returncode == 2 and "--from" in refused.stderr, refused.stderr
+        e = entry("tiny")
+        assert e["downloaded"] is True and e["source"] == f"local:{tiny_llama}"
+
+
 def test_from_a_gguf_file(pool_home: Path, smollm2_gguf: Path) -> None:
     register("smol")
     rbees_pool("models", "download", "smol", "--from", str(smollm2_gguf), check=True)

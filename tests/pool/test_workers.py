@@ -148,6 +148,15 @@ def test_spawn_registers_with_the_orchestrator(pool_home: Path, tiny_llama: Path
             workers = json.loads(resp.read())["workers"]
         assert record["worker_id"] not in [w["worker_id"] for w in workers]
 
+        # Without the token the orchestrator refuses the worker (and the list of workers to the check):
+        # the spawn says so instead of only that the worker is ready.
+        args = ["worker", "spawn", "cpu", "--model", "tiny", "--threads", "1", "--orchestrator", url]
+        done = rbees_pool(*args, timeout=SPAWN_TIMEOUT + 30)
+        assert done.returncode == 0, done.stderr
+        assert f"warning: {url} did not take worker-cpu-" in done.stderr
+        assert "refused (401)" in done.stderr
+        rbees_pool("worker", "stop-all", check=True)
+
 
 def _zombie(pid: int) -> bool:
     try:

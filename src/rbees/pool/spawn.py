@@ -268,6 +268,29 @@ def orchestrator_knows(record: WorkerRecord, timeout: float = 10.0) -> bool | No
         time.sleep(0.2)
 
 
+def callback_refused(record: WorkerRecord, timeout: float = 10.0) -> str | None:
+    """The worker log's line saying the orchestrator refused its ready callback (a wrong or missing
+    token, a registration it did not take), once the log says how the callback went; None when it
+    was accepted, or the log says nothing within ``timeout``."""
+    if record.orchestrator is None or record.log_path is None:
+        return None
+    prefix = f"ready callback to {record.orchestrator.rstrip('/')}/v2/workers/register "
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lines = Path(record.log_path).read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in reversed(lines):
+            if prefix + "accepted" in line:
+                return None
+            if prefix + "refused" in line:
+                return line[line.index(prefix) :].strip()
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.2)
+
+
 def _log_tail(path: Path) -> str:
     try:
         lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
