@@ -80,6 +80,15 @@ def test_infer_failures_have_messages_and_exit_codes(cluster: Cluster) -> None:
     assert nowhere.exit_code == 3 and "cannot reach" in nowhere.stderr
 
 
+def test_infer_finds_the_only_model_without_a_token_to_list_workers(tiny_llama: Path, tmp_path: Path) -> None:
+    # Clients need no token here; listing workers needs the registration token, which a client lacks.
+    with run_cluster(tmp_path, tiny_llama, registration_token="worker-secret") as open_cluster:
+        env = {"RBEES_ORCHESTRATOR": open_cluster.url, "RBEES_API_TOKEN": ""}
+        done = CliRunner().invoke(app, ["infer", "-p", "Hello", "-n", "3"], env=env)
+    assert done.exit_code == 0, done.stderr
+    assert done.stdout.strip()
+
+
 def test_jobs_submit_status_follow_list(cluster: Cluster) -> None:
     submitted = rbees(cluster, "jobs", "submit", "--prompt", "Once upon a time", "-n", "8", "--seed", "1")
     job_id = submitted.stdout.strip()
@@ -91,6 +100,8 @@ def test_jobs_submit_status_follow_list(cluster: Cluster) -> None:
     resumed = rbees(cluster, "jobs", "follow", job_id, "--last-event-id", "2", "--json")
     ids = [json.loads(line)["id"] for line in resumed.stdout.splitlines()]
     assert ids[0] == "3"
+    past = rbees(cluster, "jobs", "follow", job_id, "--last-event-id", "999")
+    assert past.exit_code == 2 and "past the last event" in past.stderr, past.stderr
 
     status = json.loads(rbees(cluster, "jobs", "status", job_id, "--json").stdout)
     assert status["status"] == "completed" and status["tokens_out"] <= 8

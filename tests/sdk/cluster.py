@@ -29,10 +29,12 @@ class Cluster:
     worker: ManagedProcess
 
 
-def wait_worker_ready(url: str, worker_id: str, timeout: float, procs: Sequence[ManagedProcess]) -> None:
+def wait_worker_ready(
+    url: str, worker_id: str, timeout: float, procs: Sequence[ManagedProcess], token: str = API_TOKEN
+) -> None:
     """Until the orchestrator lists ``worker_id`` healthy and schedulable."""
     deadline = time.monotonic() + timeout
-    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+    headers = {"Authorization": f"Bearer {token}"}
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
@@ -53,24 +55,30 @@ def run_cluster(
     *,
     slots: int = 1,
     orcd_args: Sequence[str] = (),
+    registration_token: str | None = None,
 ) -> Iterator[Cluster]:
+    """An orchestrator (with the API token, or with ``registration_token`` only) and one worker."""
     port, worker_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     worker_id, worker_token = "w-test", "test-worker-token"
+    tokens = (
+        ["--registration-token", registration_token] if registration_token else ["--api-token", API_TOKEN]
+    )
     orcd_cmd = [
         bin_path("rbees-orcd"), "--port", str(port), "--state-dir", str(tmp / "orcd"),
-        "--api-token", API_TOKEN, "--health-interval-s", "0.5", *orcd_args,
+        *tokens, "--health-interval-s", "0.5", *orcd_args,
     ]  # fmt: skip
+    operator_token = registration_token or API_TOKEN
     worker_cmd = [
         bin_path("rbees-workerd"), "--worker-id", worker_id, "--model", str(model_path),
         "--port", str(worker_port), "--model-id", MODEL_ID, "--slots", str(slots), "--threads", "1",
         "--token", worker_token, "--callback-url", f"{url}/v2/workers/register",
-        "--callback-token", API_TOKEN,
+        "--callback-token", operator_token,
     ]  # fmt: skip
     with ManagedProcess(orcd_cmd, log=tmp / "orcd.log") as orcd:
         wait_http(f"{url}/health", timeout=60, proc=orcd)
         with ManagedProcess(worker_cmd, log=tmp / "worker.log") as worker:
-            wait_worker_ready(url, worker_id, 180, [orcd, worker])
+            wait_worker_ready(url, worker_id, 180, [orcd, worker], operator_token)
             yield Cluster(
                 url=url,
                 worker_url=f"http://127.0.0.1:{worker_port}",

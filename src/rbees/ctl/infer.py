@@ -101,8 +101,14 @@ def stream_and_report(
 
 
 def only_model(client: Client) -> str:
-    """The model to use when none was named: the only one a healthy worker serves."""
-    served = sorted({w.model for w in client.workers() if w.model and w.ready})
+    """The model to use when none was named: the only one a healthy worker serves (the only one
+    registered, with a client token that may not list workers)."""
+    from rbees.sdk import AuthenticationError, PermissionDeniedError
+
+    try:
+        served = sorted({w.model for w in client.workers() if w.model and w.ready})
+    except (AuthenticationError, PermissionDeniedError):
+        served = sorted({m.id for m in client.models()})
     if len(served) == 1:
         return served[0]
     if not served:
