@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ctl.conftest import PoolLab
+from tests.ctl.conftest import PoolLab, write_fake_install
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",
@@ -155,6 +155,22 @@ def test_dev_setup_clones_creates_the_venv_installs_and_is_safe_twice(
     built = pool_lab.rbees("pool", "git", "build", "--host", "dev", timeout=300)
     assert built.returncode == 0, built.stdout + built.stderr
     assert pool_lab.rbees("pool", "status", "--host", "dev").stdout == "rebuilt\n"
+
+
+def test_a_pool_with_no_install_dir_uses_the_default_ones_rbees_pool_else_the_path(pool_lab: PoolLab) -> None:
+    # `pool dev setup` without --install-dir installs into ~/rbees: later commands must find it there.
+    home = pool_lab.root / "remote-home"
+    entry = pool_lab.add_pool("plain", pool_lab.lab.servers["a"])
+    del entry["install_dir"]
+    pool_lab.set_env("plain", HOME=str(home))  # the remote user's home, for this pool's commands
+    missing = pool_lab.rbees("pool", "status", "--host", "plain")
+    assert missing.returncode == 127
+    assert "~/rbees/.venv/bin/rbees-pool, else rbees-pool on the PATH was not found" in missing.stderr
+    write_fake_install(home / "rbees")
+    found = pool_lab.rbees("pool", "status", "--host", "plain")
+    assert found.returncode == 0, found.stderr
+    listed = pool_lab.rbees("pools", "list")
+    assert "else rbees-pool on the PATH" in listed.stdout
 
 
 def test_dev_setup_refuses_an_old_python_and_a_missing_checkout(pool_lab: PoolLab) -> None:

@@ -17,6 +17,7 @@ from rbees.ctl.inventory import (
     parse_destination,
     resolve_target,
 )
+from rbees.ctl.remote_scripts import pool_command
 from rbees.ctl.render import Listing, columns_for, merge_rows, rows_of
 from rbees.ctl.ssh import (
     CONNECTED_MARKER,
@@ -74,8 +75,15 @@ def test_pool_names_win_over_destinations_and_defaults_fill_gaps() -> None:
     assert mac.rbees_pool == "~/src/rbees/.venv/bin/rbees-pool"
     assert mac.identity_file == str(Path("~/.ssh/lab").expanduser())
     assert dict(mac.env) == {"A": "1", "B": "2"}
+    assert not mac.path_fallback
     plain = resolve_target("root@box:2200", inv)
-    assert (plain.host, plain.port, plain.user, plain.rbees_pool) == ("box", 2200, "root", "rbees-pool")
+    assert (plain.host, plain.port, plain.user) == ("box", 2200, "root")
+    # nothing configured: the default install dir's rbees-pool where `pool dev setup` put one, else PATH's
+    assert plain.rbees_pool == "~/rbees/.venv/bin/rbees-pool" and plain.path_fallback
+    assert pool_command(plain, ["status"]) == (
+        'if [ -x "$HOME"/rbees/.venv/bin/rbees-pool ]; then "$HOME"/rbees/.venv/bin/rbees-pool status; '
+        "else rbees-pool status; fi"
+    )
 
 
 def test_ssh_command_line_is_strict_batch_and_shared() -> None:

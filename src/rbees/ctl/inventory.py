@@ -91,6 +91,9 @@ class Target:
     connect_timeout: int = DEFAULT_CONNECT_TIMEOUT_S
     install_dir: str = DEFAULT_INSTALL_DIR
     rbees_pool: str = "rbees-pool"
+    # Neither rbees_pool nor install_dir was configured: rbees_pool is the default install dir's, used
+    # when it is there (what `rbees pool dev setup` installs), else `rbees-pool` on the PATH.
+    path_fallback: bool = False
     python: str = DEFAULT_PYTHON
     repo: str | None = None
     torch: str | None = None
@@ -99,6 +102,11 @@ class Target:
     @property
     def venv(self) -> str:
         return f"{self.install_dir.rstrip('/')}/.venv"
+
+    @property
+    def rbees_pool_label(self) -> str:
+        """The rbees-pool command as a person reads it."""
+        return f"{self.rbees_pool}, else rbees-pool on the PATH" if self.path_fallback else self.rbees_pool
 
     @property
     def where(self) -> str:
@@ -227,8 +235,9 @@ def _merge(label: str, host: str, pool: PoolSettings, defaults: PoolSettings) ->
 
     install_dir = pick("install_dir")
     rbees_pool = pick("rbees_pool")
+    fallback = rbees_pool is None and install_dir is None
     if rbees_pool is None:
-        rbees_pool = f"{install_dir.rstrip('/')}/.venv/bin/rbees-pool" if install_dir else "rbees-pool"
+        rbees_pool = f"{(install_dir or DEFAULT_INSTALL_DIR).rstrip('/')}/.venv/bin/rbees-pool"
     return Target(
         label=label,
         host=host,
@@ -240,6 +249,7 @@ def _merge(label: str, host: str, pool: PoolSettings, defaults: PoolSettings) ->
         connect_timeout=pick("connect_timeout") or DEFAULT_CONNECT_TIMEOUT_S,
         install_dir=install_dir or DEFAULT_INSTALL_DIR,
         rbees_pool=rbees_pool,
+        path_fallback=fallback,
         python=pick("python") or DEFAULT_PYTHON,
         repo=pick("repo"),
         torch=pick("torch"),

@@ -56,7 +56,10 @@ def add(
     rbees_pool: Annotated[
         str | None,
         typer.Option(
-            "--rbees-pool", help="rbees-pool command on the pool (default: INSTALL_DIR/.venv/bin/rbees-pool)."
+            "--rbees-pool",
+            help="rbees-pool command on the pool (default: INSTALL_DIR/.venv/bin/rbees-pool; with no "
+            "--install-dir either, ~/rbees/.venv/bin/rbees-pool where it exists, else rbees-pool on "
+            "the PATH).",
         ),
     ] = None,
     python: Annotated[
@@ -119,7 +122,7 @@ def list_(json_out: JsonOpt = False, inventory: InventoryOpt = None) -> None:
     for column in ("Name", "Destination", "Install dir", "rbees-pool"):
         table.add_column(column, overflow="fold")
     for t in targets:
-        table.add_row(t.label, t.where, t.install_dir, t.rbees_pool)
+        table.add_row(t.label, t.where, t.install_dir, t.rbees_pool_label)
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 

@@ -55,7 +55,7 @@ def _pool(
     run_command(
         opts,
         lambda t: rs.pool_command(t, shown),
-        program=lambda t: t.rbees_pool,
+        program=lambda t: t.rbees_pool_label,
         listing=listing,
         json_out=json_out,
         json_arg=(lambda t: rs.pool_command(t, [*args, "--json"])) if listing else None,

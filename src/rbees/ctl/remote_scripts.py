@@ -18,8 +18,13 @@ _GIT_ENV = "GIT_TERMINAL_PROMPT=0 GIT_SSH_COMMAND='ssh -o BatchMode=yes' GIT_EDI
 
 
 def pool_command(target: Target, args: list[str]) -> str:
-    """``rbees-pool ARGS...`` with the pool's configured command."""
-    return command_line(target.rbees_pool, args)
+    """``rbees-pool ARGS...`` with the pool's configured command (or, with none configured, the
+    default install dir's when it is there, else the one on the PATH)."""
+    if not target.path_fallback:
+        return command_line(target.rbees_pool, args)
+    installed = command_line(target.rbees_pool, args)
+    on_path = command_line("rbees-pool", args)
+    return f"if [ -x {quote_remote_path(target.rbees_pool)} ]; then {installed}; else {on_path}; fi"
 
 
 def git_pull(target: Target) -> str:
