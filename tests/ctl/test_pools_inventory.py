@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from rbees.ctl.cli import app
 from rbees.ctl.inventory import load_inventory, resolve_target
+from tests.support.procs import bin_path
 
 
 class Done:
@@ -96,3 +98,15 @@ def test_bad_input_is_refused_with_a_reason(tmp_path: Path) -> None:
     assert broken.returncode == 2 and "pools.x.prot" in broken.stderr
     inv.write_text("[pools\n")
     assert "not valid TOML" in rbees("pools", "list", inventory=inv).stderr
+
+
+def test_concurrent_adds_and_removes_lose_no_edit(tmp_path: Path) -> None:
+    inv = tmp_path / "pools.toml"
+    assert rbees("pools", "add", "old", "--host", "h-old", inventory=inv).returncode == 0
+
+    def run(*args: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([bin_path("rbees"), "pools", *args, "--inventory", str(inv)])
+
+    procs = [run("add", f"p{i}", "--host", f"h{i}") for i in range(8)] + [run("remove", "old")]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 9
+    assert sorted(load_inventory(inv).pools) == [f"p{i}" for i in range(8)]

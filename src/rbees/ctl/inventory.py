@@ -21,12 +21,13 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import tomli_w
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 DEFAULT_INSTALL_DIR = "~/rbees"
@@ -162,6 +163,22 @@ def save_inventory(inventory: Inventory, path: Path) -> None:
         tmp.replace(path)
     except OSError as exc:
         raise InventoryError(f"cannot write inventory {path}: {exc.strerror}") from exc
+
+
+def update_inventory(path: Path, change: Callable[[Inventory], Inventory]) -> Inventory:
+    """Read the inventory, apply ``change`` and write the result, holding a lock beside the file so
+    that concurrent ``rbees pools add|remove`` do not lose each other's edits; returns what was read."""
+    lock_path = path.with_name(f".{path.name}.lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(lock_path, timeout=30):
+            before = load_inventory(path)
+            save_inventory(change(before), path)
+    except Timeout:
+        raise InventoryError(f"inventory {path} stayed locked for 30 s ({lock_path})") from None
+    except OSError as exc:
+        raise InventoryError(f"cannot lock inventory {path}: {exc.strerror or exc}") from exc
+    return before
 
 
 def validate_pool_name(name: str) -> str:

@@ -13,12 +13,13 @@ from rich.table import Table
 
 from rbees.ctl.dispatch import InventoryOpt, JsonOpt, fail, load_for
 from rbees.ctl.inventory import (
+    Inventory,
     InventoryError,
     PoolEntry,
     check_settings,
     parse_destination,
     resolve_target,
-    save_inventory,
+    update_inventory,
     validate_pool_name,
 )
 
@@ -78,7 +79,7 @@ def add(
     inventory: InventoryOpt = None,
 ) -> None:
     """Add a pool to the inventory."""
-    path, inv = load_for(inventory)
+    path, _ = load_for(inventory)
     try:
         validate_pool_name(name)
         dest_user, dest_host, dest_port = parse_destination(host)
@@ -98,10 +99,13 @@ def add(
             env=_env_pairs(env or []),
         )
         check_settings(entry, f"pool {name!r}")
-        if name in inv.pools and not replace:
-            raise InventoryError(f"pool {name!r} is already in {path}; add --replace to overwrite it")
-        updated = inv.model_copy(update={"pools": {**inv.pools, name: entry}})
-        save_inventory(updated, path)
+
+        def added(inv: Inventory) -> Inventory:
+            if name in inv.pools and not replace:
+                raise InventoryError(f"pool {name!r} is already in {path}; add --replace to overwrite it")
+            return inv.model_copy(update={"pools": {**inv.pools, name: entry}})
+
+        inv = update_inventory(path, added)
     except (InventoryError, ValueError) as exc:
         raise fail(str(exc)) from exc
     typer.echo(
@@ -132,12 +136,17 @@ def remove(
     inventory: InventoryOpt = None,
 ) -> None:
     """Remove a pool from the inventory (nothing on the pool is touched)."""
-    path, inv = load_for(inventory)
-    if name not in inv.pools:
-        raise fail(f"no pool named {name!r} in {path}", 1)
-    remaining = {k: v for k, v in inv.pools.items() if k != name}
+    path, _ = load_for(inventory)
+
+    def removed(inv: Inventory) -> Inventory:
+        if name not in inv.pools:
+            raise LookupError(name)
+        return inv.model_copy(update={"pools": {k: v for k, v in inv.pools.items() if k != name}})
+
     try:
-        save_inventory(inv.model_copy(update={"pools": remaining}), path)
+        update_inventory(path, removed)
+    except LookupError:
+        raise fail(f"no pool named {name!r} in {path}", 1) from None
     except InventoryError as exc:
         raise fail(str(exc)) from exc
     typer.echo(f"removed pool {name} from {path}", err=True)
