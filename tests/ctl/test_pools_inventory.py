@@ -89,6 +89,9 @@ def test_bad_input_is_refused_with_a_reason(tmp_path: Path) -> None:
         (["pools", "add", "p", "--host", "-oProxyCommand=touch x"], "invalid host"),
         (["pools", "add", "p", "--host", "h", "--env", "NOEQUALS"], "KEY=VALUE"),
         (["pools", "add", "p", "--host", "h", "--env", "1BAD=x"], "invalid environment variable name"),
+        (["pools", "add", "p", "--host", "h", "--rbees-pool", "'oops"], "No closing quotation"),
+        (["pools", "add", "p", "--host", "h", "--rbees-pool", ""], "empty rbees_pool"),
+        (["pools", "add", "p", "--host", "h", "--identity", "~no-such-user-here/k"], "no such user"),
     ]:
         done = rbees(*args, inventory=inv)
         assert done.returncode == 2 and needle in done.stderr, (args, done.stderr)
@@ -98,6 +101,8 @@ def test_bad_input_is_refused_with_a_reason(tmp_path: Path) -> None:
     assert broken.returncode == 2 and "pools.x.prot" in broken.stderr
     inv.write_text("[pools\n")
     assert "not valid TOML" in rbees("pools", "list", inventory=inv).stderr
+    nobody = rbees("pools", "list", inventory=Path("~no-such-user-here/pools.toml"))
+    assert nobody.returncode == 2 and "no such user" in nobody.stderr
 
 
 def test_concurrent_adds_and_removes_lose_no_edit(tmp_path: Path) -> None:

@@ -73,3 +73,30 @@ def test_cli_refuses_wide_bind_with_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "API token" in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--log-level", "bogus"], "log_level"),
+        (["--api-token", "two words"], "printable ASCII"),
+        (["--state-dir", "FILE"], "state dir"),  # a file where the directory should be
+        (["--state-dir", "/proc/no/such"], "state dir"),
+    ],
+)
+def test_cli_refuses_bad_settings_in_one_line_with_exit_2(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = [str(blocker) if a == "FILE" else a for a in args]
+    if "--state-dir" not in argv:
+        argv += ["--state-dir", str(tmp_path / "state")]
+    proc = subprocess.run([bin_path("rbees-orcd"), *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("rbees-orcd: error:") and needle in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "serving" not in proc.stderr
+
+
+def test_the_log_level_takes_any_case(tmp_path: Path) -> None:
+    assert load_settings(["--log-level", "WARNING", "--state-dir", str(tmp_path)], {}).log_level == "warning"

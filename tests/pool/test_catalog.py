@@ -260,3 +260,19 @@ def test_catalog_sizes_read_as_the_spec_shows_them(n_bytes: int, shown: str) -> 
     from rbees.pool.render import catalog_size
 
     assert catalog_size(n_bytes) == shown
+
+
+def test_an_unusable_home_or_workerd_setting_is_one_line_and_exit_2(pool_home: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "locks").write_text("")  # a file where the home's locks directory goes
+    cases = [
+        ({"RBEES_HOME": "~no-such-user-here/x"}, "bad pool home"),
+        ({"RBEES_HOME": str(home)}, "cannot set up the pool home"),
+        ({"RBEES_WORKERD": '"x'}, "bad RBEES_WORKERD"),
+    ]
+    for env, needle in cases:
+        done = rbees_pool("models", "register", *QWEN, env=env)
+        assert done.returncode == 2, (env, done.stderr)
+        assert done.stderr.startswith("error: ") and needle in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1

@@ -79,6 +79,8 @@ def test_model_not_downloaded(pool_home: Path) -> None:
             "orchestrator http://127.0.0.1:9 does not answer",
         ),
         (["cpu", "--orchestrator", "ftp://x"], 2, "invalid --orchestrator"),
+        (["cpu", "--orchestrator", "http://127.0.0.1:abc"], 2, "invalid --orchestrator"),
+        (["cpu", "--orchestrator", "http://127.0.0.1:99999"], 2, "invalid --orchestrator"),
     ],
 )
 def test_preflight_refusals_start_nothing(

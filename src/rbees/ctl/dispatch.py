@@ -24,6 +24,7 @@ from rbees.ctl.inventory import (
     InventoryError,
     Target,
     default_inventory_path,
+    expand_home,
     load_inventory,
     select_targets,
 )
@@ -100,8 +101,8 @@ def fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
 
 
 def load_for(inventory_path: Path | None) -> tuple[Path, Inventory]:
-    path = inventory_path.expanduser() if inventory_path else default_inventory_path()
     try:
+        path = expand_home(inventory_path) if inventory_path else default_inventory_path()
         return path, load_inventory(path)
     except InventoryError as exc:
         raise fail(str(exc)) from exc

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -117,12 +118,20 @@ class Target:
         return f"{who}{self.host}{port}"
 
 
+def expand_home(value: str | Path) -> Path:
+    """``value`` with a leading ``~`` or ``~user`` expanded; an unknown user is an ``InventoryError``."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        raise InventoryError(f"cannot expand {str(value)!r}: no such user's home") from None
+
+
 def default_inventory_path(environ: Mapping[str, str] | None = None) -> Path:
     env = os.environ if environ is None else environ
     if env.get("RBEES_POOLS_FILE"):
-        return Path(env["RBEES_POOLS_FILE"]).expanduser()
+        return expand_home(env["RBEES_POOLS_FILE"])
     config_home = env.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(config_home).expanduser() / "rbees" / "pools.toml"
+    return expand_home(config_home) / "rbees" / "pools.toml"
 
 
 def load_inventory(path: Path) -> Inventory:
@@ -275,7 +284,7 @@ def _merge(label: str, host: str, pool: PoolSettings, defaults: PoolSettings) ->
 
 
 def _local_path(value: str | None) -> str | None:
-    return None if value is None else str(Path(value).expanduser())
+    return None if value is None else str(expand_home(value))
 
 
 def check_settings(settings: PoolSettings, where: str) -> None:
@@ -284,6 +293,16 @@ def check_settings(settings: PoolSettings, where: str) -> None:
             raise InventoryError(f"invalid environment variable name {key!r} in {where}")
     if settings.user is not None and not _USER_RE.fullmatch(settings.user):
         raise InventoryError(f"invalid user {settings.user!r} in {where}")
+    for local in (settings.identity_file, settings.known_hosts_file, settings.ssh_config):
+        if local is not None:
+            expand_home(local)  # an unknown ~user is refused now, not at the first ssh command
+    if settings.rbees_pool is not None:
+        try:
+            words = shlex.split(settings.rbees_pool)
+        except ValueError as exc:
+            raise InventoryError(f"invalid rbees_pool {settings.rbees_pool!r} in {where}: {exc}") from None
+        if not words:
+            raise InventoryError(f"empty rbees_pool in {where}")
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from rbees.orchestrator.app import create_app
+from rbees.orchestrator.registry import Registry
 from rbees.orchestrator.settings import ENV_PREFIX, OrchestratorSettings, from_env, load_toml, merge_settings
 
 
@@ -47,7 +49,8 @@ def load_settings(
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = load_settings(argv)
-    except (ValidationError, ValueError, OSError) as exc:
+        _check_state_dir(settings)
+    except (ValidationError, ValueError, OSError, sqlite3.Error) as exc:
         print(f"rbees-orcd: error: {_brief(exc)}", file=sys.stderr)
         raise SystemExit(2) from None
     level = settings.log_level.upper()
@@ -71,6 +74,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         timeout_graceful_shutdown=3,
         timeout_keep_alive=30,
     )
+
+
+def _check_state_dir(settings: OrchestratorSettings) -> None:
+    """The state directory and its database can be opened (and are, made if need be), so that a bad
+    ``--state-dir`` is a one-line error before anything is served."""
+    try:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        Registry.open(settings.db_path).close()
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"state dir {settings.state_dir}: {reason}") from None
 
 
 def _brief(exc: Exception) -> str:

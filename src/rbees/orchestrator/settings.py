@@ -12,9 +12,9 @@ import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rbees.protocol import BearerToken
 
@@ -49,7 +49,9 @@ class OrchestratorSettings(BaseModel):
     public_url: str | None = Field(
         default=None, description="base URL put in events_url (unset: a relative path)"
     )
-    log_level: str = Field(default="info", description="debug | info | warning | error")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="debug | info | warning | error"
+    )
 
     queue_size: int = Field(
         default=1024, ge=1, le=1_000_000, description="jobs that may wait; more is 429 QUEUE_FULL"
@@ -132,6 +134,11 @@ class OrchestratorSettings(BaseModel):
     job_retention_s: float = Field(
         default=3600.0, ge=0, description="how long a finished job's events are kept in memory"
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _wide_bind_needs_token(self) -> OrchestratorSettings:

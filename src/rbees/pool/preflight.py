@@ -102,8 +102,12 @@ def _check_metal(gpu: int) -> None:
 
 
 def check_orchestrator(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port != 0  # .port raises ValueError for a port that is no number or past 65535
+    except ValueError:
+        port_ok = False
+    if not port_ok or parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput(f"invalid --orchestrator {url!r}: expected http(s)://host:port")
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5.0):

@@ -65,11 +65,17 @@ class PoolSettings(BaseModel):
 
     def ensure_dirs(self) -> None:
         """Create the home layout; the home and the worker records (which hold tokens) are private."""
-        self.home.mkdir(parents=True, exist_ok=True)
-        for d in (self.models_dir, self.logs_dir, self.locks_dir):
-            d.mkdir(exist_ok=True)
-        self.workers_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(self.workers_dir, 0o700)
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            for d in (self.models_dir, self.logs_dir, self.locks_dir):
+                d.mkdir(exist_ok=True)
+            self.workers_dir.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(self.workers_dir, 0o700)
+        except OSError as exc:
+            where = exc.filename or self.home
+            raise InvalidInput(
+                f"cannot set up the pool home {self.home}: {where}: {exc.strerror or exc}"
+            ) from None
 
 
 _ENV_KEYS = {
@@ -84,13 +90,20 @@ _ENV_KEYS = {
 def load_settings(env: Mapping[str, str] | None = None) -> PoolSettings:
     """Read ``pool.toml`` in the home, let the environment override it."""
     env = os.environ if env is None else env
-    home = Path(env.get("RBEES_HOME") or Path.home() / ".rbees").expanduser().absolute()
+    raw_home = env.get("RBEES_HOME") or str(Path.home() / ".rbees")
+    try:
+        home = Path(raw_home).expanduser().absolute()
+    except RuntimeError as exc:  # ~someone who does not exist
+        raise InvalidInput(f"bad pool home {raw_home!r}: {exc}") from None
     values: dict[str, Any] = _read_pool_toml(home / "pool.toml")
     for var, key in _ENV_KEYS.items():
         if env.get(var):
             values[key] = env[var]
     if env.get("RBEES_WORKERD"):
-        values["workerd"] = shlex.split(env["RBEES_WORKERD"])
+        try:
+            values["workerd"] = shlex.split(env["RBEES_WORKERD"])
+        except ValueError as exc:
+            raise InvalidInput(f"bad RBEES_WORKERD {env['RBEES_WORKERD']!r}: {exc}") from None
     try:
         return PoolSettings(home=home, **values)
     except ValidationError as exc:
