@@ -101,7 +101,7 @@ def test_a_known_id_with_other_details_is_refused_and_the_same_registration_agai
     assert again.returncode == 4
     assert again.stderr.strip() == (
         "error: model 'qwen-0.5b' is already in the catalog with other details "
-        "(repo 'Qwen/Qwen2.5-0.5B-Instruct'); unregister it first to change them"
+        "(name 'Qwen2.5 0.5B Instruct', not 'Other'); unregister it first to change them"
     )
     assert next(e for e in catalog_json() if e["id"] == "qwen-0.5b") == first
     same = rbees_pool("models", "register", *QWEN, "--json")  # a setup script run twice

@@ -92,6 +92,8 @@ def test_from_a_gguf_file(pool_home: Path, smollm2_gguf: Path) -> None:
     assert e["format"] == "gguf"
     assert e["path"] == f"models/smol/{smollm2_gguf.name}"
     assert (pool_home / str(e["path"])).stat().st_size == smollm2_gguf.stat().st_size
+    register("smol")  # a setup script run again: the file the download found is no other detail
+    assert entry("smol")["file"] == smollm2_gguf.name
 
 
 def test_from_a_directory_with_pickled_weights_only_is_refused(pool_home: Path, tmp_path: Path) -> None:

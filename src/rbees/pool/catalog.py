@@ -55,9 +55,17 @@ class CatalogEntry(BaseModel):
     downloaded_at: str | None = None
 
 
-def _registered_as(entry: CatalogEntry) -> tuple[str | None, ...]:
-    """What a registration says about a model (not what downloading it found out)."""
-    return (entry.name, entry.repo, entry.architecture, entry.file, entry.revision)
+def _registration_differences(known: CatalogEntry, entry: CatalogEntry) -> list[str]:
+    """How a new registration differs from a known entry, in what a registration says about a model
+    (not what downloading it found out: a download from a local .gguf sets ``file`` itself)."""
+    differences = []
+    for field in ("name", "repo", "architecture", "file", "revision"):
+        was, now = getattr(known, field), getattr(entry, field)
+        if field == "file" and now is None and (known.source or "").startswith("local:"):
+            continue
+        if was != now:
+            differences.append(f"{field} {was!r}, not {now!r}")
+    return differences
 
 
 def now_iso() -> str:
@@ -168,11 +176,12 @@ class Catalog:
         with self._editing() as models:
             known = models.get(entry.id)
             if known is not None:
-                if _registered_as(known) == _registered_as(entry):
+                differences = _registration_differences(known, entry)
+                if not differences:
                     return known
                 raise Conflict(
                     f"model {entry.id!r} is already in the catalog with other details "
-                    f"(repo {known.repo!r}); unregister it first to change them"
+                    f"({'; '.join(differences)}); unregister it first to change them"
                 )
             models[entry.id] = entry
         return entry
