@@ -81,6 +81,8 @@ def test_model_not_downloaded(pool_home: Path) -> None:
         (["cpu", "--orchestrator", "ftp://x"], 2, "invalid --orchestrator"),
         (["cpu", "--orchestrator", "http://127.0.0.1:abc"], 2, "invalid --orchestrator"),
         (["cpu", "--orchestrator", "http://127.0.0.1:99999"], 2, "invalid --orchestrator"),
+        (["cpu", "--host", "999.1.1.1"], 2, "invalid --host '999.1.1.1': not an address of this machine"),
+        (["cpu", "--advertise-host", "bad host"], 2, "invalid --advertise-host"),
     ],
 )
 def test_preflight_refusals_start_nothing(

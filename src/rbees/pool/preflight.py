@@ -11,7 +11,9 @@ weights possibly dequantized (x2), plus 256 MiB for the runtime. ``check_memory=
 
 from __future__ import annotations
 
+import ipaddress
 import platform
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +25,7 @@ import psutil
 from rbees.pool.catalog import Catalog, CatalogEntry
 from rbees.pool.errors import InvalidInput, PreflightFailed
 from rbees.pool.fsutil import tree_size
+from rbees.pool.ports import can_bind
 from rbees.pool.settings import PoolSettings
 from rbees.protocol import Backend
 
@@ -47,6 +50,7 @@ def preflight(settings: PoolSettings, req: SpawnRequest) -> tuple[CatalogEntry, 
         )
     if req.backend is Backend.CPU and req.gpu is not None:
         raise InvalidInput("--gpu is only for cuda and metal workers")
+    check_hosts(req.host, req.advertise_host)
     free, where = available_memory(req.backend, req.gpu or 0)
     if req.check_memory:
         need = estimate_need(entry, path)
@@ -99,6 +103,24 @@ def _check_metal(gpu: int) -> None:
         raise PreflightFailed("Metal (MPS) is not available to torch on this Mac")
     if gpu != 0:
         raise PreflightFailed(f"Metal has one device: use --gpu 0, not {gpu}")
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+
+
+def check_hosts(bind: str | None, advertise: str | None) -> None:
+    """``--host`` must be an address of this machine, ``--advertise-host`` a host name or address."""
+    if bind is not None and bind not in ("0.0.0.0", "::") and not can_bind(0, bind):
+        raise InvalidInput(f"invalid --host {bind!r}: not an address of this machine")
+    if advertise is not None:
+        try:
+            ipaddress.ip_address(advertise)
+        except ValueError:
+            if not _HOSTNAME.match(advertise):
+                raise InvalidInput(
+                    f"invalid --advertise-host {advertise!r}: expected a host name or address"
+                ) from None
 
 
 def check_orchestrator(url: str) -> None:
