@@ -19,6 +19,7 @@ from rbees.ctl.streaming import (
     OrchestratorOpt,
     StreamOutcome,
     build_request,
+    checked_url,
     cli_errors,
     fail,
     orchestrator_client,
@@ -177,7 +178,7 @@ def _infer_orchestrator(
 def _infer_worker(address: str, token: str | None, fields: dict[str, Any], *, as_json: bool) -> StreamOutcome:
     from rbees.sdk import WorkerClient
 
-    url = address if "://" in address else f"http://{address}"
+    url = checked_url(address if "://" in address else f"http://{address}", "worker")
     job_id = f"cli-{uuid.uuid4().hex[:12]}"
     with cli_errors(f"the worker at {url}"), WorkerClient(url, token=token) as client:
         request = build_request(ExecuteRequest, {**fields, "job_id": job_id})

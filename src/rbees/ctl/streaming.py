@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -116,11 +117,24 @@ def cli_errors(target: str) -> Iterator[None]:
         raise fail(f"invalid request: {problems}", EXIT_USAGE) from None
 
 
+def checked_url(url: str, what: str) -> str:
+    """``url`` when it is an http(s) URL with a host and a valid port; else a usage error."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port != 0  # .port raises ValueError for a port that is no number or past 65535
+    except ValueError:
+        port_ok = False
+    if not port_ok or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise fail(f"invalid {what} URL {url!r}: expected http(s)://host:port", EXIT_USAGE)
+    return url
+
+
 @contextmanager
 def orchestrator_client(url: str, api_token: str | None) -> Iterator[Client]:
     """A client of the orchestrator whose errors end the command with a message and an exit code."""
     from rbees.sdk import Client
 
+    checked_url(url, "orchestrator")
     with cli_errors(f"the orchestrator at {url}"), Client(url, api_token=api_token) as client:
         yield client
 
