@@ -113,6 +113,10 @@ def test_jobs_submit_status_follow_list(cluster: Cluster) -> None:
     assert job_id in [j["job_id"] for j in listed]
     table = rbees(cluster, "jobs", "list", "--status", "completed")
     assert job_id in table.stdout and "completed" in table.stdout
+    bogus = rbees(cluster, "jobs", "list", "--status", "bogus")
+    assert bogus.exit_code == 2 and "status" in bogus.stderr
+    done_already = rbees(cluster, "jobs", "cancel", job_id)
+    assert done_already.exit_code == 0 and "already completed; nothing to cancel" in done_already.stderr
 
 
 def test_jobs_cancel(cluster: Cluster) -> None:

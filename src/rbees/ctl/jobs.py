@@ -166,6 +166,12 @@ def cancel(
         answer = client.cancel(job_id)
     if as_json:
         _dump(answer if answer is not None else {"job_id": job_id})
+        return
+    status = answer.get("status") if isinstance(answer, dict) else None
+    if status in ("completed", "failed"):
+        say(f"job {job_id} already {status}; nothing to cancel")
+    elif status == "cancelled":
+        say(f"job {job_id} is cancelled")
     else:
         say(f"cancel requested for job {job_id}")
 

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 from rbees.httpd import MAX_BODY_BYTES, Headers, accepts_event_stream, read_body, serve_asgi
 from rbees.orchestrator.event_stream import JobEventsResponse
 from rbees.orchestrator.http import check_bearer, parse_body, require_client, service
-from rbees.orchestrator.jobs import TaskInfo
+from rbees.orchestrator.jobs import JobState, TaskInfo
 from rbees.orchestrator.service import JobService
 from rbees.orchestrator.settings import OrchestratorSettings
 from rbees.protocol import ErrorCode, RbeesError, TaskAccepted, TaskRequest
@@ -113,9 +113,10 @@ async def submit_asgi(
 async def list_tasks(
     request: Request,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    status: str | None = None,
+    status: JobState | None = None,
 ) -> dict[str, Any]:
-    return {"tasks": [t.model_dump(mode="json") for t in service(request).list_tasks(limit, status)]}
+    tasks = service(request).list_tasks(limit, status.value if status else None)
+    return {"tasks": [t.model_dump(mode="json") for t in tasks]}
 
 
 @router.get("/{job_id}", response_model=TaskInfo)
