@@ -115,3 +115,9 @@ def test_concurrent_adds_and_removes_lose_no_edit(tmp_path: Path) -> None:
     procs = [run("add", f"p{i}", "--host", f"h{i}") for i in range(8)] + [run("remove", "old")]
     assert [p.wait(timeout=120) for p in procs] == [0] * 9
     assert sorted(load_inventory(inv).pools) == [f"p{i}" for i in range(8)]
+
+
+def test_minus_h_is_help_at_every_level_as_in_rbees_pool() -> None:
+    for args in (["-h"], ["pools", "-h"], ["pools", "add", "-h"]):
+        done = rbees(*args)
+        assert done.returncode == 0 and "Usage: rbees" in done.stdout, (args, done.stderr)

@@ -100,3 +100,16 @@ def test_cli_refuses_bad_settings_in_one_line_with_exit_2(
 
 def test_the_log_level_takes_any_case(tmp_path: Path) -> None:
     assert load_settings(["--log-level", "WARNING", "--state-dir", str(tmp_path)], {}).log_level == "warning"
+
+
+def test_a_config_file_is_named_in_its_errors_and_keys_beside_the_table_are_refused(tmp_path: Path) -> None:
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text("port = 9999\n[orchestrator]\nqueue_size = 5\n")
+    with pytest.raises(
+        ValueError, match=r"mixed\.toml: keys outside \[orchestrator\] would be ignored \(port\)"
+    ):
+        load_settings(["--config", str(mixed)], {})
+    broken = tmp_path / "broken.toml"
+    broken.write_text("port = \n")
+    with pytest.raises(ValueError, match=r"broken\.toml is not valid TOML"):
+        load_settings(["--config", str(broken)], {})

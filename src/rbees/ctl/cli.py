@@ -12,6 +12,7 @@ app = typer.Typer(
     help="Drive rbees pools over SSH, submit and follow jobs, and run a local cluster.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # like rbees-pool
 )
 register_pool_commands(app)
 register_job_commands(app)

@@ -164,12 +164,22 @@ def is_loopback(host: str) -> bool:
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    """Read a config file. Keys may sit at the top level or under ``[orchestrator]``."""
-    with path.open("rb") as f:
-        data = tomllib.load(f)
+    """Read a config file. Keys sit at the top level or under ``[orchestrator]``, not both."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
     section = data.get("orchestrator", data)
     if not isinstance(section, dict):
         raise ValueError(f"{path}: [orchestrator] must be a table")
+    if section is not data and len(data) > 1:
+        others = ", ".join(sorted(k for k in data if k != "orchestrator"))
+        raise ValueError(
+            f"{path}: keys outside [orchestrator] would be ignored ({others}); move them into it"
+        )
     return {k.replace("-", "_"): v for k, v in section.items()}
 
 
