@@ -63,6 +63,9 @@ def test_infer_direct_to_a_worker(cluster: Cluster) -> None:
         "0",
     )
     denied = rbees(cluster, "infer", "--worker", address, "-p", "Hi", "-n", "6")
+    for flags in (["-m", "tiny"], ["--priority", "batch"]):  # nothing a worker would use
+        ignored = rbees(cluster, "infer", "--worker", address, "-p", "Hi", *flags)
+        assert ignored.exit_code == 2 and "are for the orchestrator" in ignored.stderr
 
     assert ok.exit_code == 0 and ok.stdout.strip() and "tok/s" in ok.stderr
     assert denied.exit_code == 1 and "UNAUTHORIZED" in denied.stderr and denied.stdout == ""

@@ -270,6 +270,7 @@ def test_an_unusable_home_or_workerd_setting_is_one_line_and_exit_2(pool_home: P
         ({"RBEES_HOME": "~no-such-user-here/x"}, "bad pool home"),
         ({"RBEES_HOME": str(home)}, "cannot set up the pool home"),
         ({"RBEES_WORKERD": '"x'}, "bad RBEES_WORKERD"),
+        ({"HF_ENDPOINT": "notaurl"}, "hf_endpoint"),
     ]
     for env, needle in cases:
         done = rbees_pool("models", "register", *QWEN, env=env)

@@ -153,6 +153,11 @@ def infer(
         stop=stop,
     )
     if worker is not None:
+        if model is not None or priority is not Priority.INTERACTIVE:
+            # A worker runs the one model it loaded and has no queue: these would be ignored.
+            raise fail(
+                "--model and --priority are for the orchestrator; --worker runs its own model", EXIT_USAGE
+            )
         outcome = _infer_worker(worker, token, fields, as_json=as_json)
     else:
         outcome = _infer_orchestrator(orchestrator, api_token, model, priority, fields, as_json=as_json)

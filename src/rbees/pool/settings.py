@@ -22,9 +22,9 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from rbees.pool.errors import InvalidInput
 
@@ -41,7 +41,7 @@ class PoolSettings(BaseModel):
     advertise_host: str | None = None
     first_port: int = Field(default=DEFAULT_FIRST_PORT, ge=1024, le=65535)
     workerd: list[str] | None = None
-    hf_endpoint: str | None = None
+    hf_endpoint: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+")] | None = None
 
     @property
     def catalog_path(self) -> Path:
