@@ -95,3 +95,17 @@ def test_every_command_has_help(command: list[str]) -> None:
 def test_no_arguments_shows_help() -> None:
     result = CliRunner().invoke(app, [])
     assert "Commands" in result.output
+
+
+def test_an_unreadable_worker_record_is_shown_and_prune_sets_it_aside(pool_home: Path) -> None:
+    (pool_home / "workers").mkdir(parents=True)
+    damaged = pool_home / "workers" / "worker-cpu-0badf00d.json"
+    damaged.write_text('{"worker_id": "worker-cpu-0badf00d", "port": ')  # cut short
+    listed = rbees_pool("worker", "list")
+    assert listed.returncode == 0 and f"warning: {damaged} is no readable worker record" in listed.stderr
+    stop = rbees_pool("worker", "stop", "worker-cpu-0badf00d")
+    assert stop.returncode == 3 and "`rbees-pool worker prune` sets it aside" in stop.stderr
+    pruned = rbees_pool("worker", "prune")
+    assert pruned.returncode == 0 and "set aside the unreadable worker record" in pruned.stderr
+    assert not damaged.exists() and damaged.with_name(damaged.name + ".unreadable").exists()
+    assert "warning" not in rbees_pool("worker", "list").stderr

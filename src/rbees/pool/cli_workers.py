@@ -171,13 +171,17 @@ def worker_spawn(
 @worker_app.command("list")
 def worker_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Workers of this pool with their live status (Running, Loading, Unhealthy, Dead)."""
+    from rbees.pool.records import unreadable_records
     from rbees.pool.workers import list_workers
 
-    views = list_workers(pool_settings(ctx))
+    settings = pool_settings(ctx)
+    views = list_workers(settings)
     if as_json:
         render.print_json([v.public() for v in views])
     else:
         render.out().print(render.workers_table(views))
+    for path in unreadable_records(settings):
+        render.say(f"warning: {path} is no readable worker record; `rbees-pool worker prune` sets it aside")
 
 
 @worker_app.command("token")
@@ -234,15 +238,20 @@ def worker_stop_all(ctx: typer.Context, timeout: StopTimeout = 30) -> None:
 @worker_app.command("prune")
 def worker_prune(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Remove the records of workers whose process is gone."""
+    from rbees.pool.records import set_aside, unreadable_records
     from rbees.pool.workers import prune_workers
 
-    pruned = prune_workers(pool_settings(ctx))
+    settings = pool_settings(ctx)
+    pruned = prune_workers(settings)
+    aside = [set_aside(path) for path in unreadable_records(settings)]
     if as_json:
         render.print_json([r.public() for r in pruned])
-        return
-    for r in pruned:
-        render.say(f"pruned {r.worker_id} (port {r.port}, pid {r.pid})")
-    render.say(f"{len(pruned)} dead worker record(s) removed")
+    else:
+        for r in pruned:
+            render.say(f"pruned {r.worker_id} (port {r.port}, pid {r.pid})")
+        render.say(f"{len(pruned)} dead worker record(s) removed")
+    for path in aside:
+        render.say(f"set aside the unreadable worker record {path}")
 
 
 def _report_stop(result: object) -> None:

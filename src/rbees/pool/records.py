@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 import psutil
@@ -78,20 +79,40 @@ def get_record(settings: PoolSettings, worker_id: str) -> WorkerRecord:
     except FileNotFoundError:
         raise NotFound(f"unknown worker {worker_id!r} (see `rbees-pool worker list`)") from None
     except (OSError, ValidationError) as exc:
-        raise NotFound(f"worker record {path} is unreadable: {exc}") from None
+        raise NotFound(
+            f"worker record {path} is unreadable ({type(exc).__name__}); "
+            "`rbees-pool worker prune` sets it aside"
+        ) from None
 
 
 def read_records(settings: PoolSettings) -> list[WorkerRecord]:
-    """Every readable record, oldest first; unreadable files are skipped."""
+    """Every readable record, oldest first; unreadable files are skipped (see ``unreadable_records``)."""
+    return _scan(settings)[0]
+
+
+def unreadable_records(settings: PoolSettings) -> list[Path]:
+    """Record files that do not read as a worker record (damaged by hand or by a full disk)."""
+    return _scan(settings)[1]
+
+
+def set_aside(path: Path) -> Path:
+    """Rename an unreadable record out of the way (kept for a look, no longer a record)."""
+    target = path.with_name(path.name + ".unreadable")
+    path.replace(target)
+    return target
+
+
+def _scan(settings: PoolSettings) -> tuple[list[WorkerRecord], list[Path]]:
     records: list[WorkerRecord] = []
+    unreadable: list[Path] = []
     if not settings.workers_dir.is_dir():
-        return records
-    for path in settings.workers_dir.glob("*.json"):
+        return records, unreadable
+    for path in sorted(settings.workers_dir.glob("*.json")):
         try:
             records.append(WorkerRecord.model_validate(json.loads(path.read_bytes())))
         except (OSError, ValueError, ValidationError):
-            continue
-    return sorted(records, key=lambda r: (r.started_at, r.worker_id))
+            unreadable.append(path)
+    return sorted(records, key=lambda r: (r.started_at, r.worker_id)), unreadable
 
 
 def _pid_alive(pid: int, create_time: float | None) -> bool:
