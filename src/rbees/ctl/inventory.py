@@ -115,7 +115,8 @@ class Target:
         """``user@host:port`` as far as known, for messages."""
         who = f"{self.user}@" if self.user else ""
         port = f":{self.port}" if self.port else ""
-        return f"{who}{self.host}{port}"
+        host = f"[{self.host}]" if ":" in self.host and port else self.host  # an IPv6 address
+        return f"{who}{host}{port}"
 
 
 def expand_home(value: str | Path) -> Path:

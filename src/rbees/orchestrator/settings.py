@@ -35,7 +35,7 @@ class OrchestratorSettings(BaseModel):
     host: str = Field(
         default="127.0.0.1", description="address to bind; anything but loopback needs an API token"
     )
-    port: int = Field(default=8080, ge=0, le=65535, description="port to listen on")
+    port: int = Field(default=8080, ge=1, le=65535, description="port to listen on")
     state_dir: Path = Field(
         default_factory=lambda: Path.home() / ".rbees" / "orcd",
         description="directory of the SQLite registry",
