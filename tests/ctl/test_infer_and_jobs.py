@@ -81,6 +81,8 @@ def test_infer_failures_have_messages_and_exit_codes(cluster: Cluster) -> None:
     assert invalid.exit_code == 2 and "temperature" in invalid.stderr
     assert no_token.exit_code == 1 and "UNAUTHORIZED" in no_token.stderr
     assert nowhere.exit_code == 3 and "cannot reach" in nowhere.stderr
+    no_scheme = rbees(cluster, "infer", "--prompt", "Hi", "-o", f"127.0.0.1:{free_port()}")  # http:// implied
+    assert no_scheme.exit_code == 3 and "cannot reach" in no_scheme.stderr
     for flags in (["-o", "http://127.0.0.1:abc"], ["-o", "ftp://x"], ["--worker", "bad host:xx"]):
         bad_url = rbees(cluster, "infer", "--prompt", "Hi", *flags)
         assert bad_url.exit_code == 2 and "URL" in bad_url.stderr and "expected http(s)://" in bad_url.stderr

@@ -163,7 +163,7 @@ def test_a_stream_is_what_accept_names_with_a_non_zero_q(accept: str, stream: bo
     assert accepts_event_stream(accept) is stream
 
 
-async def test_a_job_that_cannot_be_sent_fails_alone_and_the_watchdog_goes_on(tmp_path: Path) -> None:
+async def test_a_job_that_cannot_be_sent_fails_alone(tmp_path: Path) -> None:
     settings = OrchestratorSettings(state_dir=tmp_path / "state", max_retries=0, health_interval_s=60)
     svc = await JobService.open(settings)
     try:
@@ -176,15 +176,31 @@ async def test_a_job_that_cannot_be_sent_fails_alone_and_the_watchdog_goes_on(tm
         end = job.log.events[-1].fields()
         assert end["type"] == "error" and end["code"] == ErrorCode.WORKER_FAILED.value
         assert "could not be sent" in end["message"]
-        assert svc.fleet.get("w-ghost") is not None and svc.fleet.get("w-ghost").inflight == 0  # type: ignore[union-attr]
-        # the watchdog still ends a job at its deadline
-        svc.fleet.remove("w-ghost")
-        svc.fleet.add(
-            WorkerRegistration(**{**GHOST, "worker_id": "w-busy", "slots_total": 1}), 0.0, known_up=True
-        )
-        svc.fleet.take("w-busy")  # no free slot: the next job waits in the queue
-        waiting = svc.submit(TaskRequest(model="tiny", prompt="hi", max_tokens=2, deadline_ms=300))
-        await asyncio.wait_for(waiting.wait_done(), 5)
-        assert waiting.log.events[-1].fields()["code"] == ErrorCode.TIMEOUT.value
+        entry = svc.fleet.get("w-ghost")
+        assert entry is not None and entry.inflight == 0
+    finally:
+        await svc.close()
+
+
+async def test_a_job_whose_timeout_check_fails_stops_no_other_job_timing_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc = await JobService.open(OrchestratorSettings(state_dir=tmp_path / "state", health_interval_s=60))
+    try:
+        svc.fleet.add(WorkerRegistration(**GHOST), 0.0, known_up=True)
+        svc.fleet.take("w-ghost")  # no free slot: the jobs wait in the queue
+        doomed = svc.submit(TaskRequest(model="tiny", prompt="hi", max_tokens=2, deadline_ms=200))
+        other = svc.submit(TaskRequest(model="tiny", prompt="hi", max_tokens=2, deadline_ms=200))
+        checked = svc._time_out
+
+        def breaks_on_doomed(job: Any, now: float) -> None:
+            if job is doomed:
+                raise RuntimeError("a check that fails for this one job")
+            checked(job, now)
+
+        monkeypatch.setattr(svc, "_time_out", breaks_on_doomed)
+        await asyncio.wait_for(other.wait_done(), 5)
+        assert other.log.events[-1].fields()["code"] == ErrorCode.TIMEOUT.value
+        assert not doomed.done and svc._watchdog is not None and not svc._watchdog.done()
     finally:
         await svc.close()

@@ -113,3 +113,9 @@ def test_a_config_file_is_named_in_its_errors_and_keys_beside_the_table_are_refu
     broken.write_text("port = \n")
     with pytest.raises(ValueError, match=r"broken\.toml is not valid TOML"):
         load_settings(["--config", str(broken)], {})
+
+
+def test_an_empty_token_means_none(tmp_path: Path) -> None:
+    env = {"RBEES_ORCD_API_TOKEN": "", "RBEES_ORCD_REGISTRATION_TOKEN": ""}
+    s = load_settings(["--state-dir", str(tmp_path)], env)
+    assert s.api_token is None and s.registration_token is None

@@ -83,6 +83,7 @@ def test_model_not_downloaded(pool_home: Path) -> None:
         (["cpu", "--orchestrator", "http://127.0.0.1:99999"], 2, "invalid --orchestrator"),
         (["cpu", "--host", "999.1.1.1"], 2, "invalid --host '999.1.1.1': not an address of this machine"),
         (["cpu", "--advertise-host", "bad host"], 2, "invalid --advertise-host"),
+        (["cpu", "--orchestrator-token", "two words"], 2, "invalid --orchestrator-token"),
     ],
 )
 def test_preflight_refusals_start_nothing(

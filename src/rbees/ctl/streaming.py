@@ -134,7 +134,7 @@ def orchestrator_client(url: str, api_token: str | None) -> Iterator[Client]:
     """A client of the orchestrator whose errors end the command with a message and an exit code."""
     from rbees.sdk import Client
 
-    checked_url(url, "orchestrator")
+    checked_url(url if "://" in url else f"http://{url}", "orchestrator")  # the SDK adds http:// too
     with cli_errors(f"the orchestrator at {url}"), Client(url, api_token=api_token) as client:
         yield client
 

@@ -92,6 +92,7 @@ class JobService:
             settings.health_timeout_s,
         )
         self._watchdog: asyncio.Task[None] | None = None
+        self._tick_error_at = float("-inf")
         self.script = load_policy_script(
             settings.policy_script, settings.policy_script_timeout_ms, settings.policy.value
         )
@@ -449,21 +450,29 @@ class JobService:
         while True:
             # Tick fast only while there are jobs to watch; an idle orchestrator wakes once a second.
             await asyncio.sleep(_WATCH_INTERVAL_S if self._active else _IDLE_WATCH_INTERVAL_S)
-            try:
-                self._tick(time.monotonic())
-            except Exception:  # the timeouts of every job depend on the next tick
-                log.error("the watchdog's tick failed; it goes on", exc_info=True)
+            self._tick(time.monotonic())
 
     def _tick(self, now: float) -> None:
-        for job in list(self._active.values()):
-            clock = Clock(job.queued_at, job.deadline_at, job.dispatched_at, job.last_event_at, job.got_token)
-            hit = expired(clock, now, self._limits)
-            if hit is not None:
-                self.metrics.timeouts.inc(kind=hit.kind)
-                log.info("job %s timed out (%s): %s", job.id, hit.kind, hit.message)
-                job.fail(ErrorCode.TIMEOUT, hit.message, retriable=True)
-        self._fail_stranded(now)
-        self._evict(now)
+        """Each step on its own: one job that fails its check stops neither the others' timeouts
+        nor eviction (a traceback at most every 10 s, however often it fails)."""
+        steps: list[tuple[Callable[..., None], tuple[Any, ...]]] = [
+            (self._time_out, (job, now)) for job in list(self._active.values())
+        ]
+        for step, args in [*steps, (self._fail_stranded, (now,)), (self._evict, (now,))]:
+            try:
+                step(*args)
+            except Exception:
+                if now - self._tick_error_at >= 10.0:
+                    self._tick_error_at = now
+                    log.error("a watchdog step failed (%s); the others go on", step.__name__, exc_info=True)
+
+    def _time_out(self, job: Job, now: float) -> None:
+        clock = Clock(job.queued_at, job.deadline_at, job.dispatched_at, job.last_event_at, job.got_token)
+        hit = expired(clock, now, self._limits)
+        if hit is not None:
+            self.metrics.timeouts.inc(kind=hit.kind)
+            log.info("job %s timed out (%s): %s", job.id, hit.kind, hit.message)
+            job.fail(ErrorCode.TIMEOUT, hit.message, retriable=True)
 
     def _fail_stranded(self, now: float) -> None:
         """End the jobs still waiting for a worker when none is left that could take them (all gone

@@ -135,6 +135,11 @@ class OrchestratorSettings(BaseModel):
         default=3600.0, ge=0, description="how long a finished job's events are kept in memory"
     )
 
+    @field_validator("api_token", "registration_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value  # RBEES_ORCD_API_TOKEN= (empty) means no token
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _any_case(cls, value: object) -> object:
@@ -168,7 +173,7 @@ def load_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid TOML: {exc}") from None
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from filelock import FileLock, Timeout
 
 from rbees.pool.catalog import Catalog, CatalogEntry, builtin_entry, new_entry, now_iso, validate_id
 from rbees.pool.download import DownloadProgress, describe_hub_error, download_plan, plan_download
-from rbees.pool.errors import Conflict, DownloadFailed, NotFound
+from rbees.pool.errors import Conflict, DownloadFailed, InvalidInput, NotFound
 from rbees.pool.fsutil import tree_size
 from rbees.pool.settings import PoolSettings
 from rbees.pool.sources import check_local_source, fetch_smollm2, install_local
@@ -149,6 +150,10 @@ def _fetch(
         say(f"took {entry.file} from the {origin}")
         return {}
     endpoint = settings.hf_endpoint
+    if endpoint is not None and not re.match(r"(?i)^https?://[^\s/]+", endpoint):
+        raise InvalidInput(
+            f"HF_ENDPOINT {endpoint!r} is no http(s) URL (unset it to use the Hugging Face hub)"
+        )
     try:
         plan = plan_download(entry.repo, entry.revision, entry.file, endpoint=endpoint)
         say(f"downloading {len(plan.files)} file(s) of {entry.repo} at {plan.commit[:12]}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import platform
 import re
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,13 +22,14 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import psutil
+from pydantic import TypeAdapter, ValidationError
 
 from rbees.pool.catalog import Catalog, CatalogEntry
 from rbees.pool.errors import InvalidInput, PreflightFailed
 from rbees.pool.fsutil import tree_size
 from rbees.pool.ports import can_bind
 from rbees.pool.settings import PoolSettings
-from rbees.protocol import Backend
+from rbees.protocol import Backend, BearerToken
 
 if TYPE_CHECKING:
     from rbees.pool.spawn import SpawnRequest
@@ -61,6 +63,11 @@ def preflight(settings: PoolSettings, req: SpawnRequest) -> tuple[CatalogEntry, 
             )
     if req.orchestrator is not None:
         check_orchestrator(req.orchestrator)
+    if req.orchestrator_token is not None:
+        try:
+            _TOKEN.validate_python(req.orchestrator_token)
+        except ValidationError as exc:
+            raise InvalidInput(f"invalid --orchestrator-token: {exc.errors()[0]['msg']}") from None
     return entry, path
 
 
@@ -105,13 +112,15 @@ def _check_metal(gpu: int) -> None:
         raise PreflightFailed(f"Metal has one device: use --gpu 0, not {gpu}")
 
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+_TOKEN: TypeAdapter[str] = TypeAdapter(BearerToken)
+# Host names as they occur: DNS labels, plus underscores (container and service names) and a final dot.
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,254}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 
 
 def check_hosts(bind: str | None, advertise: str | None) -> None:
     """``--host`` must be an address of this machine, ``--advertise-host`` a host name or address."""
-    if bind is not None and bind not in ("0.0.0.0", "::") and not can_bind(0, bind):
+    if bind is not None and bind not in ("0.0.0.0", "::") and not _local_address(bind):
         raise InvalidInput(f"invalid --host {bind!r}: not an address of this machine")
     if advertise is not None:
         try:
@@ -121,6 +130,15 @@ def check_hosts(bind: str | None, advertise: str | None) -> None:
                 raise InvalidInput(
                     f"invalid --advertise-host {advertise!r}: expected a host name or address"
                 ) from None
+
+
+def _local_address(host: str) -> bool:
+    """Whether a server could listen on ``host`` (a name is tried at each address it resolves to)."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError):
+        return False
+    return any(can_bind(0, str(info[4][0])) for info in infos)
 
 
 def check_orchestrator(url: str) -> None:

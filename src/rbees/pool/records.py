@@ -91,7 +91,8 @@ def read_records(settings: PoolSettings) -> list[WorkerRecord]:
 
 
 def unreadable_records(settings: PoolSettings) -> list[Path]:
-    """Record files that do not read as a worker record (damaged by hand or by a full disk)."""
+    """Record files whose content is no worker record (damaged by hand or by a full disk); one that
+    cannot be opened at all (permissions) is not among them: it may well describe a live worker."""
     return _scan(settings)[1]
 
 
@@ -109,8 +110,12 @@ def _scan(settings: PoolSettings) -> tuple[list[WorkerRecord], list[Path]]:
         return records, unreadable
     for path in sorted(settings.workers_dir.glob("*.json")):
         try:
-            records.append(WorkerRecord.model_validate(json.loads(path.read_bytes())))
-        except (OSError, ValueError, ValidationError):
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        try:
+            records.append(WorkerRecord.model_validate(json.loads(raw)))
+        except (ValueError, ValidationError):
             unreadable.append(path)
     return sorted(records, key=lambda r: (r.started_at, r.worker_id)), unreadable
 

@@ -22,11 +22,12 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from rbees.pool.errors import InvalidInput
+from rbees.protocol import BearerToken, PoolName
 
 DEFAULT_FIRST_PORT = 8001
 
@@ -35,13 +36,13 @@ class PoolSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     home: Path
-    name: str = Field(default_factory=socket.gethostname)
+    name: PoolName = Field(default_factory=socket.gethostname)
     orchestrator: str | None = None
-    orchestrator_token: str | None = Field(default=None, repr=False)
+    orchestrator_token: BearerToken | None = Field(default=None, repr=False)
     advertise_host: str | None = None
     first_port: int = Field(default=DEFAULT_FIRST_PORT, ge=1024, le=65535)
     workerd: list[str] | None = None
-    hf_endpoint: Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+")] | None = None
+    hf_endpoint: str | None = None
 
     @property
     def catalog_path(self) -> Path:
