@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, TextIO, TypeVar
-from urllib.parse import urlsplit
 
 import typer
 from pydantic import BaseModel, ValidationError
@@ -32,6 +31,7 @@ from rbees.protocol import (
     StartedEvent,
     StopReason,
     TokenEvent,
+    is_http_url,
 )
 
 if TYPE_CHECKING:
@@ -119,12 +119,7 @@ def cli_errors(target: str) -> Iterator[None]:
 
 def checked_url(url: str, what: str) -> str:
     """``url`` when it is an http(s) URL with a host and a valid port; else a usage error."""
-    try:
-        parts = urlsplit(url)
-        port_ok = parts.port != 0  # .port raises ValueError for a port that is no number or past 65535
-    except ValueError:
-        port_ok = False
-    if not port_ok or parts.scheme not in ("http", "https") or not parts.hostname:
+    if not is_http_url(url):
         raise fail(f"invalid {what} URL {url!r}: expected http(s)://host:port", EXIT_USAGE)
     return url
 

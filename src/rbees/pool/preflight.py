@@ -19,7 +19,6 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import psutil
 from pydantic import TypeAdapter, ValidationError
@@ -29,7 +28,7 @@ from rbees.pool.errors import InvalidInput, PreflightFailed
 from rbees.pool.fsutil import tree_size
 from rbees.pool.ports import can_bind
 from rbees.pool.settings import PoolSettings
-from rbees.protocol import Backend, BearerToken
+from rbees.protocol import Backend, BearerToken, is_http_url
 
 if TYPE_CHECKING:
     from rbees.pool.spawn import SpawnRequest
@@ -142,12 +141,7 @@ def _local_address(host: str) -> bool:
 
 
 def check_orchestrator(url: str) -> None:
-    try:
-        parts = urlsplit(url)
-        port_ok = parts.port != 0  # .port raises ValueError for a port that is no number or past 65535
-    except ValueError:
-        port_ok = False
-    if not port_ok or parts.scheme not in ("http", "https") or not parts.hostname:
+    if not is_http_url(url):
         raise InvalidInput(f"invalid --orchestrator {url!r}: expected http(s)://host:port")
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5.0):

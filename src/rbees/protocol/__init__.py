@@ -24,6 +24,7 @@ from rbees.protocol.health import (
     WorkerHealth,
     WorkerRegistration,
     WorkerStatus,
+    is_http_url,
 )
 from rbees.protocol.requests import (
     Backend,
@@ -71,6 +72,7 @@ __all__ = [
     "WorkerRegistration",
     "WorkerStatus",
     "encode_sse",
+    "is_http_url",
     "is_terminal",
     "parse_event",
 ]

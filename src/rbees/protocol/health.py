@@ -11,6 +11,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from rbees.protocol.requests import Backend
 
 
+def is_http_url(url: str) -> bool:
+    """An ``http(s)://`` URL with a host, and a port in 1-65535 if it names one."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port != 0  # .port raises ValueError for a port that is no number or past 65535
+    except ValueError:
+        return False
+    return port_ok and parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _header_safe(token: str) -> str:
     if not all("!" <= c <= "~" for c in token):
         raise ValueError("a token must be printable ASCII without spaces (it is sent in an HTTP header)")
