@@ -133,7 +133,7 @@ def test_health_and_workers(client: Client, cluster: Cluster) -> None:
 
 
 def test_models_lists_what_workers_serve(client: Client, cluster: Cluster) -> None:
-    assert [m.id for m in client.models()] == [cluster.model]
+    assert [(m.id, m.ready_workers) for m in client.models()] == [(cluster.model, 1)]
 
 
 def test_jobs_lists_recent_jobs(client: Client, cluster: Cluster) -> None:

@@ -109,7 +109,7 @@ def only_model(client: Client) -> str:
     try:
         served = sorted({w.model for w in client.workers() if w.model and w.ready})
     except (AuthenticationError, PermissionDeniedError):
-        served = sorted({m.id for m in client.models()})
+        served = sorted({m.id for m in client.models() if m.ready_workers is None or m.ready_workers > 0})
     if len(served) == 1:
         return served[0]
     if not served:

@@ -63,3 +63,4 @@ class ModelInfo(_Lenient):
     object: str = "model"
     owned_by: str | None = None
     created: int | None = None
+    ready_workers: int | None = None  # rbees' own field: how many of its workers take jobs now
