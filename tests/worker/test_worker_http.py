@@ -307,12 +307,15 @@ def test_bad_input_is_a_400_envelope(worker: Worker, case: str, body: Any) -> No
         b'{"job_id": "bad-1", "prompt": ',
         b"",
         b"\xff\xfe not utf-8",
+        b'{"job_id": "bad-1", "prompt": "Hi", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        b'{"job_id": "bad-1", "prompt": "Hi", "seed": ' + b"9" * 5000 + b"}",
     ],
-    ids=["nan temperature", "infinite top_p", "truncated json", "empty body", "not utf-8"],
+    ids=["nan temperature", "infinite top_p", "truncated json", "empty body", "not utf-8", "deep", "big int"],
 )
 def test_invalid_json_and_non_finite_numbers_are_400(worker: Worker, raw: bytes) -> None:
-    status, _, payload = request(f"{worker.url}/execute", "POST", raw=raw)
-    assert status == 400 and payload["error"]["code"] == "INVALID_REQUEST"
+    for route in ("/execute", "/cancel"):
+        status, _, payload = request(f"{worker.url}{route}", "POST", raw=raw)
+        assert status == 400 and payload["error"]["code"] == "INVALID_REQUEST", (route, payload)
 
 
 def test_bad_cancel_body_is_400_and_unknown_route_is_404(worker: Worker) -> None:

@@ -228,8 +228,11 @@ def _parse(raw: bytes, model: type[M]) -> M:
     """Parse a JSON body whatever its Content-Type (curl -d sends form-encoded by default)."""
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RbeesError(ErrorCode.INVALID_REQUEST, f"the body is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not JSON, not UTF-8, or an integer past Python's 4300 digits; RecursionError:
+        # nested deeper than the parser follows.
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise RbeesError(ErrorCode.INVALID_REQUEST, f"the body is not valid JSON: {reason}") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
